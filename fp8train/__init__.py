@@ -1,0 +1,48 @@
+"""fp8train: fp8 mixed-precision training for PyTorch.
+
+    >>> import fp8train
+    >>> fp8train.convert_to_float8_training(model, config="delayed",
+    ...                                     module_filter_fn=lambda mod, fqn: fqn != "lm_head")
+    >>> # once per optimizer step, after backward, with delayed scaling:
+    >>> fp8train.sync_float8_amax_and_scale_history(model)
+"""
+
+from fp8train.config import (
+    CastConfig,
+    DelayedScalingConfig,
+    Float8LinearConfig,
+    GemmInputRole,
+    LinearMMConfig,
+    ScaledMMConfig,
+    ScalingGranularity,
+    ScalingType,
+    recipe_names,
+)
+from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training
+from fp8train.delayed import sync_float8_amax_and_scale_history
+from fp8train.linear import Float8Linear
+from fp8train.ops import scaled_mm
+from fp8train.scaling import from_float8, to_float8
+from fp8train.tensor import Float8Tensor
+
+__all__ = [
+    "CastConfig",
+    "ConversionReport",
+    "DelayedScalingConfig",
+    "Float8Linear",
+    "Float8LinearConfig",
+    "Float8Tensor",
+    "GemmInputRole",
+    "LinearMMConfig",
+    "ScaledMMConfig",
+    "ScalingGranularity",
+    "ScalingType",
+    "conversion_report",
+    "convert_to_float8_training",
+    "from_float8",
+    "recipe_names",
+    "scaled_mm",
+    "sync_float8_amax_and_scale_history",
+    "to_float8",
+]
+__version__ = "0.1.0"

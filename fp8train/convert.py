@@ -1,0 +1,118 @@
+"""``convert_to_float8_training``: swap ``nn.Linear`` modules for ``Float8Linear`` in place.
+
+The swap keeps parameter objects (an optimizer built before it keeps working) and state_dict keys
+for weight and bias. Layers fp8 cannot run well are skipped with the reason recorded; the report
+is queryable with ``conversion_report(model)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from fp8train.config import Float8LinearConfig
+from fp8train.linear import Float8Linear
+
+__all__ = ["convert_to_float8_training", "conversion_report", "ConversionReport", "ModuleFilter"]
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+_REPORT_ATTR = "_fp8train_conversion_report"
+
+
+@dataclass
+class ConversionReport:
+    """Which linears were converted, and why the others were not.
+
+    Attributes:
+        converted: fully-qualified names of layers now running in fp8.
+        skipped: name → human-readable reason.
+        config: the config converted layers use.
+    """
+
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    config: Float8LinearConfig | None = None
+
+    def table(self) -> str:
+        """A fixed-width table of every linear layer and what happened to it."""
+        rows = [(n, "fp8", "") for n in self.converted] + [(n, "skipped", r) for n, r in self.skipped.items()]
+        rows.sort()
+        width = max([len("layer")] + [len(r[0]) for r in rows])
+        lines = [f"{'layer':<{width}}  {'status':<7}  reason", "-" * (width + 20)]
+        lines += [f"{n:<{width}}  {s:<7}  {r}" for n, s, r in rows]
+        lines.append(f"{len(self.converted)} converted, {len(self.skipped)} skipped")
+        return "\n".join(lines)
+
+
+def _skip_reason(mod: nn.Linear, fqn: str, module_filter_fn: ModuleFilter | None) -> str | None:
+    if module_filter_fn is not None and not module_filter_fn(mod, fqn):
+        return "excluded by module_filter_fn"
+    for name in ("in_features", "out_features"):
+        n = getattr(mod, name)
+        if n % 16 != 0:
+            return f"{name}={n} is not divisible by 16 (fp8 GEMMs need 16-aligned dims)"
+    return None
+
+
+def convert_to_float8_training(
+    module: nn.Module,
+    *,
+    config: Float8LinearConfig | str | None = None,
+    module_filter_fn: ModuleFilter | None = None,
+) -> nn.Module:
+    """Replace every eligible ``nn.Linear`` in ``module`` with a ``Float8Linear``, in place.
+
+    Args:
+        module: the model (or a single ``nn.Linear``, in which case the new layer is returned).
+        config: a ``Float8LinearConfig`` or a recipe name (default: ``"tensorwise"``).
+        module_filter_fn: ``(module, fqn) -> bool``; ``False`` keeps that linear in high precision.
+            ``fqn`` is the name as in ``named_modules()`` (e.g. ``"layers.0.attention.wq"``).
+
+    Returns:
+        ``module`` (converted in place). ``conversion_report(module)`` lists converted and
+        skipped layers with reasons.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> model = convert_to_float8_training(model, config="tensorwise")
+        >>> conversion_report(model).skipped
+        {'2': 'out_features=10 is not divisible by 16 (fp8 GEMMs need 16-aligned dims)'}
+    """
+    if isinstance(config, str) or config is None:
+        config = Float8LinearConfig.from_recipe_name(config or "tensorwise")
+    if not isinstance(config, Float8LinearConfig):
+        raise ValueError(f"config={config!r} is invalid; valid: a Float8LinearConfig or a recipe name")
+    report = ConversionReport(config=config)
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            fqn = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, Float8Linear):
+                report.skipped[fqn] = "already a Float8Linear"
+            elif isinstance(child, nn.Linear):
+                reason = _skip_reason(child, fqn, module_filter_fn)
+                if reason is None:
+                    setattr(parent, name, Float8Linear.from_float(child, config))
+                    report.converted.append(fqn)
+                else:
+                    report.skipped[fqn] = reason
+            else:
+                visit(child, fqn)
+
+    if isinstance(module, nn.Linear) and not isinstance(module, Float8Linear):
+        reason = _skip_reason(module, "", module_filter_fn)
+        if reason is not None:
+            raise ValueError(f"cannot convert this nn.Linear: {reason}")
+        module = Float8Linear.from_float(module, config)
+        report.converted.append("")
+    else:
+        visit(module, "")
+    object.__setattr__(module, _REPORT_ATTR, report)
+    return module
+
+
+def conversion_report(module: nn.Module) -> ConversionReport | None:
+    """The report of the last ``convert_to_float8_training`` on ``module`` (``None`` if never converted)."""
+    return getattr(module, _REPORT_ATTR, None)

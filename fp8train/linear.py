@@ -1,0 +1,225 @@
+"""``Float8Linear``: an ``nn.Linear`` whose three GEMMs run in fp8.
+
+A linear layer ``y = x @ W.T`` with ``x: [M, K]`` (M = batch × sequence tokens), ``W: [N, K]`` runs
+three GEMMs per training step::
+
+    GEMM         equation                  shapes                    operands (cast config)
+    output       y  = x  @ W.T             [M,K] @ [K,N] -> [M,N]    input, weight
+    grad_input   dx = dy @ W               [M,N] @ [N,K] -> [M,K]    grad_output, weight_for_grad_input
+    grad_weight  dW = dy.T @ x             [N,M] @ [M,K] -> [N,K]    grad_output_for_grad_weight, input_for_grad_weight
+
+Every operand is cast to fp8 *along the GEMM's inner dimension* (that is what an axiswise scale
+must follow: ``[M,1]`` for the left operand, ``[1,N]`` for the right one), so the same tensor may
+need a different cast per GEMM: ``x`` is reduced along K for the output GEMM but along M for
+grad_weight. Where the two casts agree (tensorwise, same config) the fp8 tensor from the forward is
+saved and reused in backward — half the activation memory of bf16 and no second cast; otherwise the
+high-precision tensor is saved and cast again in backward.
+
+Each GEMM runs with its own ``ScaledMMConfig`` (``config.linear_mm_config``): by default fast
+accumulation for ``output`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fp8train.config import CastConfig, Float8LinearConfig, GemmInputRole, LinearMMConfig, ScaledMMConfig, ScalingType
+from fp8train.delayed import record_amax, register_delayed_buffers
+from fp8train.ops import scaled_mm
+from fp8train.scaling import amax_to_scale, quantize, tensor_amax
+from fp8train.tensor import Float8Tensor
+
+__all__ = ["Float8Linear"]
+
+INPUT, WEIGHT, GRAD_OUTPUT = GemmInputRole.INPUT, GemmInputRole.WEIGHT, GemmInputRole.GRAD_OUTPUT
+Operand = torch.Tensor  # a Float8Tensor, or a high-precision tensor when the cast is disabled
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Static facts of one call (constants for torch.compile)."""
+
+    config: Float8LinearConfig
+    mm: LinearMMConfig
+    compute_dtype: torch.dtype  # dtype of activations and GEMM results (autocast dtype or input's)
+    use_stored_scales: bool  # delayed operands use their stored scale (False until the first sync)
+
+
+def _cast(
+    t: torch.Tensor,
+    cfg: CastConfig,
+    role: GemmInputRole,
+    reduce_dim: int,
+    plan: _Plan,
+    scale: torch.Tensor | None = None,
+    amax: torch.Tensor | None = None,
+) -> Operand:
+    """The one cast decision: hp passthrough, delayed (stored scale), or dynamic (own amax).
+
+    ``reduce_dim`` is the operand's GEMM inner dimension (used only by axiswise casts).
+    ``scale``/``amax`` are the delayed-scaling buffers of this role (``None`` when not delayed);
+    the current amax is always recorded into ``amax`` so the next sync sees it.
+    """
+    if not cfg.enabled:
+        return t.to(plan.compute_dtype)
+    pow2 = plan.config.round_scales_to_power_of_2
+    if cfg.scaling_type is ScalingType.DELAYED and scale is not None:
+        if amax is not None:
+            record_amax(amax, t)
+        if plan.use_stored_scales:
+            return quantize(t, scale, cfg.target_dtype, plan.mm, role)
+    dim = reduce_dim % t.dim() if cfg.axiswise else None
+    s = amax_to_scale(tensor_amax(t, dim), cfg.target_dtype, pow2)
+    return quantize(t, s, cfg.target_dtype, plan.mm, role, dim)
+
+
+def _gemm(a: Operand, b: Operand, cfg: ScaledMMConfig, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(a, Float8Tensor):
+        return scaled_mm(a, b, cfg, out_dtype)
+    return torch.mm(a.to(compute_dtype), b.to(compute_dtype)).to(out_dtype)
+
+
+def _reusable(forward_cfg: CastConfig, backward_cfg: CastConfig) -> bool:
+    """Can the forward's fp8 operand serve the backward GEMM as is?"""
+    return forward_cfg.enabled and forward_cfg == backward_cfg and not forward_cfg.axiswise
+
+
+class _Float8LinearFn(torch.autograd.Function):
+    """``input @ weight.T`` with fp8 GEMMs in forward and backward. ``input`` is 2-D ``[M, K]``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        plan: _Plan,
+        *delayed: torch.Tensor,
+    ) -> torch.Tensor:
+        cfg = plan.config
+        amax_x, amax_w, amax_go, scale_x, scale_w, scale_go = delayed or (None,) * 6
+
+        # GEMM 1: output = input @ weight.T      [M,K] @ [K,N] -> [M,N]
+        x8 = _cast(x, cfg.cast_config_input, INPUT, -1, plan, scale_x, amax_x)
+        w8 = _cast(weight, cfg.cast_config_weight, WEIGHT, -1, plan, scale_w, amax_w)
+        out = _gemm(x8, w8.t(), plan.mm.output, plan.compute_dtype, plan.compute_dtype)
+
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        x_keep = x8 if _reusable(cfg.cast_config_input, cfg.input_for_grad_weight) else x
+        w_keep = w8 if _reusable(cfg.cast_config_weight, cfg.weight_for_grad_input) else weight
+        ctx.save_for_backward(
+            x_keep if need_dw else None,
+            w_keep if need_dx else None,
+            amax_go,
+            scale_go,
+        )
+        ctx.plan = plan
+        ctx.n_delayed = len(delayed)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x_keep, w_keep, amax_go, scale_go = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        cfg = plan.config
+        x_dtype, w_dtype = ctx.dtypes
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_out = grad_out.contiguous()
+        go8 = _cast(grad_out, cfg.cast_config_grad_output, GRAD_OUTPUT, -1, plan, scale_go, amax_go)
+
+        grad_x = grad_w = None
+        if need_dx:
+            # GEMM 2: grad_input = grad_output @ weight      [M,N] @ [N,K] -> [M,K]
+            w_gi = w_keep if isinstance(w_keep, Float8Tensor) else _cast(w_keep, cfg.weight_for_grad_input, WEIGHT, 0, plan)
+            grad_x = _gemm(go8, w_gi, plan.mm.grad_input, x_dtype, plan.compute_dtype)
+        if need_dw:
+            # GEMM 3: grad_weight = grad_output.T @ input    [N,M] @ [M,K] -> [N,K]
+            if _reusable(cfg.cast_config_grad_output, cfg.grad_output_for_grad_weight):
+                go_gw = go8
+            else:
+                go_gw = _cast(grad_out, cfg.grad_output_for_grad_weight, GRAD_OUTPUT, 0, plan)
+            x_gw = x_keep if isinstance(x_keep, Float8Tensor) else _cast(x_keep, cfg.input_for_grad_weight, INPUT, 0, plan)
+            grad_w = _gemm(go_gw.t(), x_gw, plan.mm.grad_weight, w_dtype, plan.compute_dtype)
+        return (grad_x, grad_w, None) + (None,) * ctx.n_delayed
+
+
+class Float8Linear(nn.Linear):
+    """Drop-in ``nn.Linear`` (same parameters and state_dict keys) that trains with fp8 GEMMs.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        config: how operands are cast and GEMMs run (default: the ``tensorwise`` recipe).
+
+    Inputs of any rank ``[..., in_features]`` work; under autocast the GEMMs produce the autocast
+    dtype. With delayed scaling the layer holds ``fp8_*`` buffers (see ``fp8train.delayed``) and
+    expects ``fp8train.sync_float8_amax_and_scale_history(model)`` once per optimizer step.
+
+    Example:
+        >>> lin = Float8Linear.from_float(nn.Linear(64, 32), Float8LinearConfig(emulate=True))
+        >>> lin(torch.randn(4, 8, 64)).shape
+        torch.Size([4, 8, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        config: Float8LinearConfig | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.config = config if config is not None else Float8LinearConfig()
+        self.linear_mm_config = self.config.linear_mm_config
+        #: False runs this layer in high precision (set by the divergence guard's fallback).
+        self.fp8_enabled = True
+        if self.config.has_delayed:
+            register_delayed_buffers(self, self.config, self.weight.device)
+
+    @classmethod
+    def from_float(cls, mod: nn.Linear, config: Float8LinearConfig | None = None) -> "Float8Linear":
+        """A Float8Linear sharing ``mod``'s parameter objects (an existing optimizer keeps working)."""
+        with torch.device("meta"):
+            new = cls(mod.in_features, mod.out_features, bias=False, config=config)
+        new.weight = mod.weight
+        new.bias = mod.bias
+        if new.config.has_delayed:
+            register_delayed_buffers(new, new.config, mod.weight.device)
+        return new
+
+    def _delayed_state(self) -> tuple[torch.Tensor, ...]:
+        if not self.config.has_delayed:
+            return ()
+        return tuple(getattr(self, f"fp8_{k}_{r}") for k in ("amax", "scale") for r in ("input", "weight", "grad_output"))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.fp8_enabled:
+            return F.linear(input, self.weight, self.bias)
+        device_type = input.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else input.dtype
+        plan = _Plan(
+            config=self.config,
+            mm=self.linear_mm_config,
+            compute_dtype=compute_dtype,
+            use_stored_scales=bool(getattr(self, "is_amax_initialized", False)),
+        )
+        x = input.reshape(-1, self.in_features).to(compute_dtype)
+        with torch.autocast(device_type, enabled=False):
+            out = _Float8LinearFn.apply(x, self.weight, plan, *self._delayed_state())
+        out = out.reshape(*input.shape[:-1], self.out_features)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        casts = f"input={c.cast_config_input}, weight={c.cast_config_weight}, grad_output={c.cast_config_grad_output}"
+        return f"{super().extra_repr()}, {casts}, fp8_enabled={self.fp8_enabled}"
