@@ -30,14 +30,14 @@ import torch.nn.functional as F
 
 from fp8train.config import CastConfig, Float8LinearConfig, GemmInputRole, LinearMMConfig, ScaledMMConfig, ScalingType
 from fp8train.delayed import record_amax, register_delayed_buffers
-from fp8train.ops import scaled_mm
-from fp8train.scaling import amax_to_scale, quantize, tensor_amax
-from fp8train.tensor import Float8Tensor
+from fp8train.ops import Fp8Operand, scaled_mm_operands
+from fp8train.scaling import amax_to_scale, saturated_cast, tensor_amax
 
 __all__ = ["Float8Linear"]
 
+_LINK_INPUTS_TO_OUTPUT = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
 INPUT, WEIGHT, GRAD_OUTPUT = GemmInputRole.INPUT, GemmInputRole.WEIGHT, GemmInputRole.GRAD_OUTPUT
-Operand = torch.Tensor  # a Float8Tensor, or a high-precision tensor when the cast is disabled
+Operand = Fp8Operand | torch.Tensor  # fp8 (data, scale), or high precision when the cast is disabled
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class _Plan:
     mm: LinearMMConfig
     compute_dtype: torch.dtype  # dtype of activations and GEMM results (autocast dtype or input's)
     use_stored_scales: bool  # delayed operands use their stored scale (False until the first sync)
+    need_grad_input: bool  # input.requires_grad, read outside the autograd function: some torch
+    need_grad_weight: bool  # versions trace ctx.needs_input_grad wrongly under torch.compile
 
 
 def _cast(
@@ -72,16 +74,20 @@ def _cast(
         if amax is not None:
             record_amax(amax, t)
         if plan.use_stored_scales:
-            return quantize(t, scale, cfg.target_dtype, plan.mm, role)
+            return Fp8Operand(saturated_cast(t, scale, cfg.target_dtype), scale)
     dim = reduce_dim % t.dim() if cfg.axiswise else None
     s = amax_to_scale(tensor_amax(t, dim), cfg.target_dtype, pow2)
-    return quantize(t, s, cfg.target_dtype, plan.mm, role, dim)
+    return Fp8Operand(saturated_cast(t, s, cfg.target_dtype), s)
 
 
 def _gemm(a: Operand, b: Operand, cfg: ScaledMMConfig, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(a, Float8Tensor):
-        return scaled_mm(a, b, cfg, out_dtype)
+    if isinstance(a, Fp8Operand):
+        return scaled_mm_operands(a, b, cfg, out_dtype)
     return torch.mm(a.to(compute_dtype), b.to(compute_dtype)).to(out_dtype)
+
+
+def _flat(t: Operand | None) -> tuple[torch.Tensor | None, ...]:
+    return (t.data, t.scale) if isinstance(t, Fp8Operand) else (t,)
 
 
 def _reusable(forward_cfg: CastConfig, backward_cfg: CastConfig) -> bool:
@@ -107,16 +113,20 @@ class _Float8LinearFn(torch.autograd.Function):
         x8 = _cast(x, cfg.cast_config_input, INPUT, -1, plan, scale_x, amax_x)
         w8 = _cast(weight, cfg.cast_config_weight, WEIGHT, -1, plan, scale_w, amax_w)
         out = _gemm(x8, w8.t(), plan.mm.output, plan.compute_dtype, plan.compute_dtype)
+        if _LINK_INPUTS_TO_OUTPUT:
+            # torch 2.11's dynamo keeps gradients only for inputs the traced forward output depends
+            # on differentiably, and _scaled_mm / fp8 casts have no derivative: link both inputs with
+            # an exact zero (1-element products; inductor fuses the add into the next pointwise op).
+            out = out + (x.reshape(-1)[:1] * 0 + weight.reshape(-1)[:1] * 0).to(out.dtype)
 
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dx, need_dw = plan.need_grad_input, plan.need_grad_weight
         x_keep = x8 if _reusable(cfg.cast_config_input, cfg.input_for_grad_weight) else x
         w_keep = w8 if _reusable(cfg.cast_config_weight, cfg.weight_for_grad_input) else weight
-        ctx.save_for_backward(
-            x_keep if need_dw else None,
-            w_keep if need_dx else None,
-            amax_go,
-            scale_go,
-        )
+        # Fp8Operand is a tuple: save its tensors and rebuild it in backward
+        x_saved = (x_keep if need_dw else None)
+        w_saved = (w_keep if need_dx else None)
+        ctx.x_fp8, ctx.w_fp8 = isinstance(x_saved, Fp8Operand), isinstance(w_saved, Fp8Operand)
+        ctx.save_for_backward(*_flat(x_saved), *_flat(w_saved), amax_go, scale_go)
         ctx.plan = plan
         ctx.n_delayed = len(delayed)
         ctx.dtypes = (x.dtype, weight.dtype)
@@ -124,18 +134,21 @@ class _Float8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x_keep, w_keep, amax_go, scale_go = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
+        x_keep = Fp8Operand(saved.pop(0), saved.pop(0)) if ctx.x_fp8 else saved.pop(0)
+        w_keep = Fp8Operand(saved.pop(0), saved.pop(0)) if ctx.w_fp8 else saved.pop(0)
+        amax_go, scale_go = saved
         plan: _Plan = ctx.plan
         cfg = plan.config
         x_dtype, w_dtype = ctx.dtypes
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dx, need_dw = plan.need_grad_input, plan.need_grad_weight
         grad_out = grad_out.contiguous()
         go8 = _cast(grad_out, cfg.cast_config_grad_output, GRAD_OUTPUT, -1, plan, scale_go, amax_go)
 
         grad_x = grad_w = None
         if need_dx:
             # GEMM 2: grad_input = grad_output @ weight      [M,N] @ [N,K] -> [M,K]
-            w_gi = w_keep if isinstance(w_keep, Float8Tensor) else _cast(w_keep, cfg.weight_for_grad_input, WEIGHT, 0, plan)
+            w_gi = w_keep if isinstance(w_keep, Fp8Operand) else _cast(w_keep, cfg.weight_for_grad_input, WEIGHT, 0, plan)
             grad_x = _gemm(go8, w_gi, plan.mm.grad_input, x_dtype, plan.compute_dtype)
         if need_dw:
             # GEMM 3: grad_weight = grad_output.T @ input    [N,M] @ [M,K] -> [N,K]
@@ -143,7 +156,7 @@ class _Float8LinearFn(torch.autograd.Function):
                 go_gw = go8
             else:
                 go_gw = _cast(grad_out, cfg.grad_output_for_grad_weight, GRAD_OUTPUT, 0, plan)
-            x_gw = x_keep if isinstance(x_keep, Float8Tensor) else _cast(x_keep, cfg.input_for_grad_weight, INPUT, 0, plan)
+            x_gw = x_keep if isinstance(x_keep, Fp8Operand) else _cast(x_keep, cfg.input_for_grad_weight, INPUT, 0, plan)
             grad_w = _gemm(go_gw.t(), x_gw, plan.mm.grad_weight, w_dtype, plan.compute_dtype)
         return (grad_x, grad_w, None) + (None,) * ctx.n_delayed
 
@@ -210,6 +223,8 @@ class Float8Linear(nn.Linear):
             mm=self.linear_mm_config,
             compute_dtype=compute_dtype,
             use_stored_scales=bool(getattr(self, "is_amax_initialized", False)),
+            need_grad_input=input.requires_grad,
+            need_grad_weight=self.weight.requires_grad,
         )
         x = input.reshape(-1, self.in_features).to(compute_dtype)
         with torch.autocast(device_type, enabled=False):

@@ -10,7 +10,7 @@ on every device: a misaligned inner dim is zero-padded (``pad_inner_dim``) or th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,18 +19,45 @@ from fp8train.config import GemmInputRole, ScaledMMConfig
 from fp8train.scaling import amax_to_scale, fp8_max, tensor_amax
 from fp8train.tensor import Float8Tensor, implements
 
-__all__ = ["scaled_mm", "is_aligned"]
+__all__ = ["Fp8Operand", "scaled_mm", "scaled_mm_operands", "is_aligned"]
 
 _ALIGN = 16
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+#: torch 2.11's CPU ``_scaled_mm`` (mkldnn) takes only tensorwise scales for most shapes; 2.13's
+#: takes rowwise ones (verified). Older CPU builds emulate rowwise GEMMs instead.
+ROWWISE_ON_CPU: bool = _torch_version() >= (2, 13)
 
 
 def is_aligned(n: int) -> bool:
     return n % _ALIGN == 0
 
 
-def _scale_inv(t: Float8Tensor, rows: int | None, cols: int | None) -> torch.Tensor:
+class Fp8Operand(NamedTuple):
+    """fp8 ``data`` with the fp32 ``scale`` applied before the cast (``hp ≈ data / scale``).
+
+    The plain-tensor form of a Float8Tensor that the linear's autograd function passes around
+    (plain tensors trace identically under every supported torch.compile version).
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor  # 0-dim (tensorwise), [rows, 1] or [1, cols] (axiswise)
+
+    def t(self) -> "Fp8Operand":
+        return Fp8Operand(self.data.t(), self.scale.t() if self.scale.dim() == 2 else self.scale)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.data.to(torch.float32) / self.scale).to(dtype)
+
+
+def _scale_inv(scale: torch.Tensor, rows: int | None, cols: int | None) -> torch.Tensor:
     """Reciprocal scale shaped for ``_scaled_mm``: 0-dim, ``[rows, 1]`` or ``[1, cols]``."""
-    inv = t._scale.reciprocal().to(torch.float32)
+    inv = scale.reciprocal().to(torch.float32)
     if inv.dim() == 0:
         return inv
     if rows is not None:
@@ -43,10 +70,6 @@ def _pad_cols(x: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(x.contiguous().view(torch.uint8), (0, pad)).view(x.dtype)
 
 
-def _emulated(a: Float8Tensor, b: Float8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return torch.mm(a.dequantize(torch.float32), b.dequantize(torch.float32)).to(out_dtype)
-
-
 def _round_through_fp8(y: torch.Tensor) -> torch.Tensor:
     dtype = torch.float8_e4m3fn
     scale = amax_to_scale(tensor_amax(y), dtype)
@@ -55,23 +78,19 @@ def _round_through_fp8(y: torch.Tensor) -> torch.Tensor:
     return (y8.to(torch.float32) / scale).to(y.dtype)
 
 
-def scaled_mm(
-    a: Float8Tensor, b: Float8Tensor, config: ScaledMMConfig, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """``a @ b`` for fp8 operands; result in ``out_dtype`` (default ``a``'s original dtype).
+def scaled_mm_operands(a: Fp8Operand, b: Fp8Operand, config: ScaledMMConfig, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` for fp8 operands ``a: [M, K]``, ``b: [K, N]``; result ``[M, N]`` in ``out_dtype``.
 
-    Args:
-        a: ``[M, K]`` Float8Tensor; scale 0-dim or ``[M, 1]``.
-        b: ``[K, N]`` Float8Tensor; scale 0-dim or ``[1, N]``.
-        config: emulate / use_fast_accum / fp8_output / pad_inner_dim of this GEMM.
+    Scales: ``a`` 0-dim or ``[M, 1]``; ``b`` 0-dim or ``[1, N]``.
     """
-    out_dtype = out_dtype or a._orig_dtype
-    (m, k), n = a.shape, b.shape[1]
-    if config.emulate or not is_aligned(n) or (not is_aligned(k) and not config.pad_inner_dim):
-        y = _emulated(a, b, out_dtype)
+    (m, k), n = a.data.shape, b.data.shape[1]
+    rowwise = a.scale.dim() > 0 or b.scale.dim() > 0
+    no_kernel = rowwise and not a.data.is_cuda and not ROWWISE_ON_CPU
+    if config.emulate or no_kernel or not is_aligned(n) or (not is_aligned(k) and not config.pad_inner_dim):
+        y = torch.mm(a.dequantize(torch.float32), b.dequantize(torch.float32)).to(out_dtype)
         return _round_through_fp8(y) if config.fp8_output else y
 
-    a_data, b_data = a._data, b._data
+    a_data, b_data = a.data, b.data
     if not is_aligned(k):
         pad = _ALIGN - k % _ALIGN
         a_data = _pad_cols(a_data, pad)
@@ -81,9 +100,8 @@ def scaled_mm(
     if not b_data.t().is_contiguous():
         b_data = b_data.t().contiguous().t()
 
-    rowwise = a._scale.dim() > 0 or b._scale.dim() > 0
-    scale_a = _scale_inv(a, m, None)
-    scale_b = _scale_inv(b, None, n)
+    scale_a = _scale_inv(a.scale, m, None)
+    scale_b = _scale_inv(b.scale, None, n)
     if rowwise:  # _scaled_mm wants both scales rowwise-shaped when either is
         scale_a = scale_a.expand(m, 1).contiguous() if scale_a.dim() == 0 else scale_a
         scale_b = scale_b.expand(1, n).contiguous() if scale_b.dim() == 0 else scale_b
@@ -93,6 +111,16 @@ def scaled_mm(
     )
     y = y.to(out_dtype)
     return _round_through_fp8(y) if config.fp8_output else y
+
+
+def scaled_mm(
+    a: Float8Tensor, b: Float8Tensor, config: ScaledMMConfig, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``a @ b`` for Float8Tensors ``a: [M, K]``, ``b: [K, N]``; result in ``out_dtype``
+    (default: ``a``'s original dtype). See ``scaled_mm_operands``."""
+    return scaled_mm_operands(
+        Fp8Operand(a._data, a._scale), Fp8Operand(b._data, b._scale), config, out_dtype or a._orig_dtype
+    )
 
 
 _GEMM_BY_ROLES = {

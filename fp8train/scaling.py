@@ -21,6 +21,7 @@ __all__ = [
     "EPS",
     "fp8_max",
     "quantize",
+    "saturated_cast",
     "tensor_amax",
     "amax_to_scale",
     "to_float8",
@@ -52,7 +53,8 @@ def amax_to_scale(amax: torch.Tensor, dtype: torch.dtype, round_to_power_of_2: b
     return scale
 
 
-def _saturated_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def saturated_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``clamp(x * scale, ±fp8_max).to(dtype)``: the fp8 payload of ``x`` (never inf/NaN from overflow)."""
     m = fp8_max(dtype)
     return torch.clamp(x.to(torch.float32) * scale, min=-m, max=m).to(dtype)
 
@@ -66,7 +68,7 @@ def quantize(
     axiswise_dim: int | None = None,
 ) -> Float8Tensor:
     """Saturating cast to a Float8Tensor (not differentiable; ``to_float8`` is)."""
-    data = _saturated_cast(x, scale, dtype)
+    data = saturated_cast(x, scale, dtype)
     return Float8Tensor(data, scale, x.dtype, linear_mm_config, role, axiswise_dim)
 
 

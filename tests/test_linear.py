@@ -169,8 +169,8 @@ def test_saves_fp8_input_for_backward_tensorwise():
     f8 = Float8Linear(128, 64, bias=False)
     x = torch.randn(256, 128, dtype=torch.bfloat16, requires_grad=True)
     saved = _saved_bytes(lambda: f8.to(torch.bfloat16)(x))
-    # the fp8 input (1 byte/elt) + the fp8 weight, not the bf16 input (2 bytes/elt)
-    assert saved == 256 * 128 + 64 * 128
+    # the fp8 input (1 byte/elt) + the fp8 weight + their two fp32 scales, not the bf16 input (2 bytes/elt)
+    assert saved == 256 * 128 + 64 * 128 + 2 * 4
 
 
 def test_state_survives_activation_checkpointing():
