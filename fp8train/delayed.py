@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fp8train.config import Float8LinearConfig, GemmInputRole
-from fp8train.scaling import EPS, fp8_max, tensor_amax
+from fp8train.scaling import EPS, floor_pow2, fp8_max, tensor_amax
 
 __all__ = ["ROLES", "register_delayed_buffers", "record_amax", "sync_float8_amax_and_scale_history"]
 
@@ -116,7 +116,7 @@ def _sync_group(layers: list[nn.Module], key: tuple[Any, ...], process_group: An
     maxes = torch.tensor([fp8_max(d) for d in dtypes], device=amax.device)
     scale = maxes / torch.clamp(effective, min=EPS) / (2.0**margin)
     if pow2:
-        scale = torch.exp2(torch.floor(torch.log2(scale)))
+        scale = floor_pow2(scale)
     scale = torch.where(update, scale, old_scale)
     counts = torch.stack(count_bufs).view(n_layers, 3) + (~finite).to(torch.int64)
 

@@ -20,6 +20,7 @@ from fp8train.tensor import Float8Tensor
 __all__ = [
     "EPS",
     "fp8_max",
+    "floor_pow2",
     "quantize",
     "saturated_cast",
     "tensor_amax",
@@ -45,11 +46,21 @@ def tensor_amax(x: torch.Tensor, reduce_dim: int | None = None) -> torch.Tensor:
     return x.abs().amax(dim=reduce_dim, keepdim=True).to(torch.float32)
 
 
+def floor_pow2(scale: torch.Tensor) -> torch.Tensor:
+    """Largest power of two <= ``scale`` (fp32, positive), by clearing the mantissa bits.
+
+    Exact on every backend: ``exp2(floor(log2(x)))`` is not once a compiler uses approximate
+    ``log2``, and a scale rounded *up* makes the largest values saturate.
+    """
+    bits = scale.to(torch.float32).contiguous().view(torch.int32) & 0x7F800000
+    return bits.view(torch.float32)
+
+
 def amax_to_scale(amax: torch.Tensor, dtype: torch.dtype, round_to_power_of_2: bool = False) -> torch.Tensor:
     """fp32 scale that maps ``amax`` to the fp8 max of ``dtype`` (elementwise over ``amax``)."""
     scale = fp8_max(dtype) / torch.clamp(amax.to(torch.float32), min=EPS)
     if round_to_power_of_2:
-        scale = torch.exp2(torch.floor(torch.log2(scale)))
+        scale = floor_pow2(scale)
     return scale
 
 

@@ -30,6 +30,16 @@ def test_power_of_two_scales():
     assert (s * torch.tensor([3.0, 0.1, 1000.0]) <= fp8_max(torch.float8_e5m2)).all()
 
 
+def test_floor_pow2_exact_at_boundaries():
+    from fp8train.scaling import floor_pow2
+
+    x = torch.tensor([1.0, 255.99998, 256.0, 256.00003, 3e-30, 1.7e38])
+    want = torch.tensor([1.0, 128.0, 256.0, 256.0, 2.0**-99, 2.0**126])
+    assert torch.equal(floor_pow2(x), want)
+    compiled = torch.compile(floor_pow2, fullgraph=True)
+    assert torch.equal(compiled(x), want)
+
+
 def test_saturating_cast_never_overflows():
     x = torch.tensor([1.0, 1e6, -1e6])
     t = to_float8(x, torch.tensor(1.0), torch.float8_e4m3fn)

@@ -1,0 +1,116 @@
+"""End-to-end training throughput of the built-in Llama: fp8 recipes vs bf16, on one CUDA GPU.
+
+    python scripts/bench_train.py [--model llama_1b] [--batch 8] [--seq 2048] [--recipes tensorwise delayed]
+
+Each case builds the model from the same seed, converts it (every linear but ``lm_head``; bf16 runs
+unconverted), compiles it, and runs AdamW steps under bf16 autocast on random tokens. After
+``--warmup`` steps (compilation included) it times ``--steps`` steps with CUDA events and reports
+tokens/s, MFU (model FLOPs from ``fp8train.perf``; the peak is the bf16 dense peak for every case so
+MFU compares like with like) and peak memory. Delayed recipes sync amax/scale once per step inside
+the timed region, as a real run does. The table is printed last and raw numbers written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fp8train
+from fp8train.models.llama import Llama, LlamaConfig
+from fp8train.perf import flops_per_token, mfu, peak_flops
+
+
+def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, steps: int) -> dict[str, float]:
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model = Llama(cfg).cuda()
+    if name != "bf16":
+        fp8train.convert_to_float8_training(model, config=name, module_filter_fn=lambda m, fqn: fqn != "lm_head")
+    delayed = name != "bf16" and fp8train.Float8LinearConfig.from_recipe_name(name).has_delayed
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    compiled = torch.compile(model)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = compiled(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        if delayed:
+            fp8train.sync_float8_amax_and_scale_history(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        loss = step()
+    end.record()
+    torch.cuda.synchronize()
+    sec_per_step = start.elapsed_time(end) / 1000 / steps
+    tps = batch * seq / sec_per_step
+    peak = peak_flops(torch.device("cuda"), fp8=False)
+    result = {
+        "tokens_per_s": tps,
+        "ms_per_step": sec_per_step * 1000,
+        "mfu_bf16_peak": mfu(tps, flops_per_token(cfg, seq), peak) if peak else float("nan"),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "final_loss": float(loss),
+        "warmup_s": warmup_s,
+    }
+    del model, compiled, opt
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama_1b", choices=LlamaConfig.names())
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--recipes", nargs="+", default=["tensorwise", "delayed", "rowwise"], choices=fp8train.recipe_names())
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default="bench_train.json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_train.py needs a CUDA GPU")
+    cfg = LlamaConfig.from_name(args.model, max_seq_len=max(args.seq, 1))
+    results = {}
+    for name in ["bf16"] + args.recipes:
+        results[name] = run_case(name, cfg, args.batch, args.seq, args.warmup, args.steps)
+        r = results[name]
+        print(f"{name}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step, MFU {r['mfu_bf16_peak']:.3f}, "
+              f"peak {r['peak_mem_gib']:.1f} GiB, loss {r['final_loss']:.3f}, warmup {r['warmup_s']:.0f}s", flush=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "commit": commit, "model": args.model, "batch": args.batch, "seq": args.seq}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    base = results["bf16"]
+    print(f"\n{args.model} batch {args.batch} x seq {args.seq}, AdamW, compiled ({meta['device']}, torch {meta['torch']}, {meta['date']})")
+    print(f"{'case':>20} {'tok/s':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9}")
+    for name, r in results.items():
+        print(f"{name:>20} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / base['tokens_per_s']:7.2f}x "
+              f"{r['mfu_bf16_peak']:6.3f} {r['peak_mem_gib']:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
