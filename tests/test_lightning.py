@@ -211,12 +211,14 @@ def test_wandb_offline_run_contains_fp8_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.finish()  # a run left open by an earlier test would be reused by WandbLogger
     torch.manual_seed(0)
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="fp8train-test")
     trainer = make_trainer(tmp_path, [Float8Training("delayed")], logger=logger, max_steps=2)
     trainer.fit(TinyMLP(), loader())
+    run_dir = os.path.dirname(logger.experiment.dir)  # .../offline-run-<time>-<id>/files
     wandb.finish()
-    (run_file,) = glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*", "*.wandb"))
+    (run_file,) = glob.glob(os.path.join(run_dir, "*.wandb"))
     rows = [r for r in _wandb_history(run_file) if "fp8/model/divergence_events" in r]
     assert [r["trainer/global_step"] for r in rows] == [0, 1]
     assert all(r["fp8/net.0/input/amax"] > 0 and r["fp8/net.0/grad_output/scale"] > 0 for r in rows)

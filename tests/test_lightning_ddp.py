@@ -18,7 +18,10 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_float8.py")
 
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks_end_with_identical_scales_and_metrics(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # a clean launch: no rendezvous variables inherited from whatever ran before in this process
+    inherited = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in inherited and not k.startswith("TORCHELASTIC_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -88,6 +88,48 @@ def run(args, recipe: str, stats: str | None, guard: int | None, log_every: int)
     return med(sampled), med(other)
 
 
+def micro(args) -> None:
+    """Interleaved A/B/C timing of one fwd+bwd without hooks, with the guard's saturation-only probe,
+    and with the full (stats="detailed") probe: robust to a busy machine, probe cost only."""
+    from fp8train import convert_to_float8_training, sync_float8_amax_and_scale_history
+    from fp8train.metrics import OperandProbe
+
+    for recipe in args.recipes.split(","):
+        torch.manual_seed(0)
+        cfg = Float8LinearConfig.from_recipe_name(recipe, emulate=args.emulate)
+        model = convert_to_float8_training(MLP(args.dim, args.layers).net.to(args.device), config=cfg)
+        layers = [m for m in model.modules() if hasattr(m, "fp8_enabled")]
+        x = torch.randn(args.tokens, args.dim, device=args.device)
+        delayed = [tuple(getattr(m.config, f"cast_config_{r}").scaling_type.value == "delayed"
+                         for r in ("input", "weight", "grad_output")) for m in layers]
+        probes = {"none": None,
+                  "guard (saturation only)": OperandProbe(layers, delayed, full=False),
+                  "detailed (full)": OperandProbe(layers, [(True, True, True)] * len(layers))}
+        times: dict[str, list[float]] = {k: [] for k in probes}
+
+        def step(probe):
+            if probe is not None:
+                probe.attach()
+            model(x).pow(2).mean().backward()
+            if probe is not None:
+                probe.detach()
+                probe.result()
+            sync_float8_amax_and_scale_history(model)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+
+        for i in range(args.warmup + args.steps):
+            for name, probe in probes.items():
+                t0 = time.perf_counter()
+                step(probe)
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+        base = statistics.median(times["none"])
+        for name, v in times.items():
+            m = statistics.median(v)
+            print(f"{recipe:<11} {name:<26} {m * 1e3:>9.2f} ms  {100 * (m - base) / base:>+7.1f}%", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
@@ -103,11 +145,17 @@ def main() -> None:
                         "kernel, ~0.1 GFLOP/s, which would hide every other cost)")
     p.add_argument("--recipes", default="tensorwise,delayed")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--micro", action="store_true", help="only the interleaved probe-cost measurement")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.emulate is None:
         args.emulate = args.device == "cpu"
+    if args.micro:
+        print(f"fwd+bwd+sync of {args.layers} x Linear({args.dim}, {args.dim}) on {args.tokens} rows, "
+              f"emulate={args.emulate}, interleaved, median over {args.steps}")
+        micro(args)
+        return
     n = args.log_every
     print(f"device={args.device} dim={args.dim} layers={args.layers} tokens={args.tokens} emulate={args.emulate} "
           f"threads={torch.get_num_threads()} torch={torch.__version__}; sampling every {n} steps; median ms")
