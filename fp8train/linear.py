@@ -50,6 +50,7 @@ class _Plan:
     use_stored_scales: bool  # delayed operands use their stored scale (False until the first sync)
     need_grad_input: bool  # input.requires_grad, read outside the autograd function: some torch
     need_grad_weight: bool  # versions trace ctx.needs_input_grad wrongly under torch.compile
+    record_amax: bool  # training mode: eval/validation forwards must not move delayed scales
 
 
 def _cast(
@@ -71,7 +72,7 @@ def _cast(
         return t.to(plan.compute_dtype)
     pow2 = plan.config.round_scales_to_power_of_2
     if cfg.scaling_type is ScalingType.DELAYED and scale is not None:
-        if amax is not None:
+        if amax is not None and plan.record_amax:
             record_amax(amax, t)
         if plan.use_stored_scales:
             return Fp8Operand(saturated_cast(t, scale, cfg.target_dtype), scale)
@@ -225,6 +226,7 @@ class Float8Linear(nn.Linear):
             use_stored_scales=bool(getattr(self, "is_amax_initialized", False)),
             need_grad_input=input.requires_grad,
             need_grad_weight=self.weight.requires_grad,
+            record_amax=self.training,
         )
         x = input.reshape(-1, self.in_features).to(compute_dtype)
         with torch.autocast(device_type, enabled=False):
@@ -233,6 +235,19 @@ class Float8Linear(nn.Linear):
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "Float8Linear":
+        # Scaling state stays fp32 whatever dtype the module is cast to (model.to(torch.bfloat16),
+        # Lightning's precision="bf16-true"): a bf16 amax history would change the scales.
+        keep = {id(b) for n, b in self._buffers.items() if n.startswith("fp8_") and b is not None}
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) in keep and out.dtype != t.dtype:
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_dtype, recurse)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -171,3 +171,25 @@ def _worker(rank: int, out: str) -> None:
         torch.save({k: v for k, v in m.state_dict().items() if "fp8" in k}, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def test_eval_forward_does_not_record_amax():
+    m = _model()
+    x = torch.randn(16, 32)
+    _step(m, x)
+    m.eval()
+    with torch.no_grad():
+        m(x * 100)
+    assert m[0].fp8_amax_input == 0
+    m.train()
+
+
+def test_buffers_stay_fp32_under_module_dtype_casts():
+    m = _model()
+    _step(m, torch.randn(16, 32))
+    before = {k: v.clone() for k, v in m.state_dict().items() if "fp8_" in k}
+    m.to(torch.bfloat16)
+    assert m[0].weight.dtype == torch.bfloat16
+    for k, v in m.state_dict().items():
+        if "fp8_" in k:
+            assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k

@@ -484,5 +484,7 @@ def test_validation_does_not_feed_delayed_amax(tmp_path):
                            val_check_interval=1, limit_val_batches=1)
     trainer.fit(TinyMLP(), loader(), torch.utils.data.DataLoader(big, batch_size=8))
     _, before, _, during, _, after = check.seen[0]  # after the first micro-batch, before the sync
-    assert before > 0 and during > 50  # the validation forward recorded its (large) amax ...
-    assert after == before  # ... and it was discarded
+    # eval-mode forwards record no amax (Float8Linear checks self.training), so the large
+    # validation activations never reach the delayed history
+    assert before > 0 and during == before
+    assert after == before
