@@ -1,0 +1,309 @@
+"""The Hydra training app: config groups, typed validation, end-to-end runs on CPU, sweeps, DDP.
+
+End-to-end tests run ``scripts/train.py`` in a subprocess, as a user would, for a few steps of a
+2-layer llama_tiny (``+recipe=llama_tiny_cpu_smoke``), with run dirs under pytest's tmp_path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException
+
+from fp8train import Float8LinearConfig, recipe_names
+from fp8train.models.llama import LlamaConfig
+from fp8train.train import ConfigError, OptimConfig, RunSummary, lr_lambda, register_configs
+from fp8train.train.app import fp8_config, model_config
+from fp8train.train.schema import Fp8Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+RECIPES = ROOT / "recipes"
+TRAIN = ROOT / "scripts" / "train.py"
+
+# a few steps of a 2-layer model with short sequences: a run takes ~1 s after ~3 s of imports
+TINY = [
+    "+recipe=llama_tiny_cpu_smoke",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=2",
+    "data.val_batches=1",
+]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def _compose(overrides: list[str]):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides + ["paths.output_dir=/tmp/unused"])
+
+
+def _run(args: list[str], timeout: int = 240, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def _train(overrides: list[str], **kw) -> subprocess.CompletedProcess:
+    return _run([str(TRAIN), *overrides], **kw)
+
+
+def _rows(metrics: Path) -> list[dict[str, str]]:
+    with metrics.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- config groups -----------------------------------------------------------------------------
+def test_fp8_options_are_exactly_bf16_and_the_recipe_registry():
+    # the CLI never offers a recipe the code rejects, and offers every recipe it has
+    assert set(_options("fp8")) == {"bf16"} | set(recipe_names())
+    for name in recipe_names():
+        assert OmegaConf.load(CONFIGS / "fp8" / f"{name}.yaml").recipe == name
+    assert OmegaConf.load(CONFIGS / "fp8" / "bf16.yaml").recipe is None
+    assert [m.value for m in Fp8Recipe] == recipe_names()
+
+
+def test_model_options_are_llama_presets():
+    assert set(_options("model")) == set(LlamaConfig.names())
+    for name in _options("model"):
+        assert OmegaConf.load(CONFIGS / "model" / f"{name}.yaml").name == name
+
+
+def test_group_options_present():
+    assert {"embedded", "tokens"} <= set(_options("data"))
+    assert {"default", "cpu", "gpu", "ddp", "fsdp2"} <= set(_options("trainer"))
+    assert {"csv", "tensorboard", "wandb"} <= set(_options("logger"))
+    assert {"llama_1b_1xh100", "llama_125m_parity", "llama_tiny_cpu_smoke"} <= {p.stem for p in RECIPES.glob("*.yaml")}
+
+
+def _all_options() -> list[str]:
+    out = [f"{g}={o}" for g in ("model", "data", "fp8", "trainer", "logger") for o in _options(g)]
+    return out + [f"+recipe={p.stem}" for p in sorted(RECIPES.glob("*.yaml"))] + ["logger=[csv,tensorboard,wandb]"]
+
+
+@pytest.mark.parametrize("override", _all_options())
+def test_every_option_composes_and_validates(override):
+    cfg = _compose([override])
+    OmegaConf.resolve(cfg)  # every interpolation resolves (e.g. trainer.precision's resolver)
+    model = model_config(cfg)  # -> LlamaConfig (validated)
+    assert isinstance(model, LlamaConfig)
+    fp8 = fp8_config(cfg, cpu=True)
+    assert (fp8 is None) == (cfg.fp8.recipe is None)
+    OptimConfig(**OmegaConf.to_container(cfg.optim))
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.trainer.precision in ("32-true", "bf16-mixed")
+    if override == "logger=wandb":
+        assert cfg.logger.wandb.offline is True
+
+
+def test_default_config():
+    cfg = _compose([])
+    assert cfg.model.name == "llama_tiny"
+    assert cfg.data.path == "embedded"
+    assert cfg.fp8.recipe == "tensorwise" and list(cfg.fp8.skip) == ["lm_head"]
+    assert cfg.trainer.accelerator == "auto" and cfg.trainer.max_steps == 300
+    assert set(cfg.logger) == {"csv"}
+
+
+def test_recipe_overlays_and_command_line_wins():
+    cfg = _compose(["+recipe=llama_125m_parity"])
+    assert cfg.model.name == "llama_125m" and cfg.trainer.max_steps >= 2000
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    cfg = _compose(["+recipe=llama_125m_parity", "fp8=bf16", "trainer.max_steps=10"])
+    assert cfg.fp8.recipe is None and cfg.trainer.max_steps == 10
+    cfg = _compose(["+recipe=llama_1b_1xh100"])
+    assert cfg.model.name == "llama_1b" and cfg.model.compile is True
+
+
+def test_recipes_are_global_overlays():
+    for path in RECIPES.glob("*.yaml"):
+        assert path.read_text().startswith("# @package _global_\n"), path
+
+
+def test_fp8_overrides_reach_float8_linear_config():
+    cfg = _compose(["fp8=delayed", "fp8.overrides.emulate=false", "fp8.overrides.pad_inner_dim=true",
+                    "fp8.overrides.delayed_scaling={history_len: 4}"])
+    got = fp8_config(cfg, cpu=True)
+    want = Float8LinearConfig.from_recipe_name("delayed", pad_inner_dim=True, delayed_scaling={"history_len": 4})
+    assert got == want  # emulate=false given explicitly is kept on CPU
+    assert fp8_config(_compose(["fp8=rowwise"]), cpu=True).emulate is True  # CPU default
+    assert fp8_config(_compose(["fp8=rowwise"]), cpu=False).emulate is False
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("model.dim=abc", ["model.dim", "Integer"]),
+        ("trainer.max_stepz=3", ["trainer.max_stepz", "TrainerConf"]),
+        ("fp8.overrides.emulat=true", ["fp8.overrides.emulat", "Fp8Overrides"]),
+        ("fp8.recipe=fastest", ["fastest", "tensorwise", "rowwise_with_gw_hp"]),
+        ("optim.lr=fast", ["optim.lr"]),
+    ],
+)
+def test_typed_schema_rejects_while_composing(override, words):
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose([override])
+    text = str(info.value) + str(info.value.__cause__)
+    assert isinstance(info.value.__cause__, OmegaConfBaseException), text
+    for w in words:
+        assert w in text
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["model.name=llama_huge"], ["llama_huge", "llama_tiny"]),
+        (["model.n_heads=3"], ["n_heads"]),
+        (["fp8=delayed", "fp8.overrides.delayed_scaling={history_len: 0}"], ["history_len"]),
+        (["fp8=rowwise", "fp8.overrides.cast_config_input={bogus: 1}"], ["fp8.overrides", "bogus"]),
+        # `+key=` opens the schema for a new key: the package's dataclasses still reject it
+        (["+model.dimm=64"], ["dimm", "LlamaConfig"]),
+        (["+fp8.overrides.emulat=true"], ["emulat", "Float8LinearConfig"]),
+    ],
+)
+def test_package_dataclasses_validate_values(overrides, words):
+    cfg = _compose(overrides)
+    with pytest.raises(ConfigError) as info:
+        model_config(cfg)
+        fp8_config(cfg, cpu=True)
+    for w in words:
+        assert w in str(info.value)
+
+
+# --- optimizer schedule and summary ------------------------------------------------------------
+def test_lr_schedule_warmup_then_cosine_to_min():
+    f = [lr_lambda(s, warmup_steps=10, total_steps=110, min_lr_ratio=0.1) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_lambda(110, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_optim_config_errors_name_field():
+    with pytest.raises(ValueError, match="OptimConfig.betas"):
+        OptimConfig(betas=(0.9, 1.5))
+    with pytest.raises(ValueError, match="OptimConfig.warmup_steps"):
+        OptimConfig(warmup_steps=-1)
+
+
+def test_summary_fits_one_screen(tmp_path):
+    s = RunSummary(model="llama_tiny", params=900_000, fp8_recipe="delayed", fp8_emulated=True, fp8_layers=28,
+                   fp8_skipped=["model.lm_head"], steps=300, tokens=614400, train_loss=1.8, val_loss=float("nan"))
+    text = s.format()
+    assert len(text.splitlines()) <= 20 and max(map(len, text.splitlines())) <= 100
+    assert "28 layers in fp8" in text and "n/a" in text
+    s.write(tmp_path / "summary.json")
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["val_loss"] is None and data["fp8_layers"] == 28 and data["version"] == 1
+    assert RunSummary.read(tmp_path / "summary.json").fp8_recipe == "delayed"
+
+
+# --- end to end (subprocess) -------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("fp8", _options("fp8"))
+def test_train_end_to_end_for_every_fp8_option(tmp_path, fp8):
+    extra = ["model.activation_checkpointing=true"] if fp8 == "delayed" else []
+    proc = _train(TINY + [f"fp8={fp8}", f"hydra.run.dir={tmp_path}"] + extra)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "run summary" in proc.stdout
+
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["steps"] == 3 and s["model"] == "llama_tiny" and s["device"] == "cpu"
+    assert math.isfinite(s["train_loss"]) and math.isfinite(s["val_loss"]) and s["val_ppl"] > 1
+    assert s["tokens_per_s"] > 0 and s["wall_seconds"] > 0
+    assert s["mfu"] is None and s["peak_mem_gib"] is None  # CPU
+    rows = _rows(tmp_path / "csv" / "metrics.csv")
+    columns = set().union(*rows)
+    assert {"train/loss", "val/loss", "val/ppl", "train/tokens_per_s"} <= columns
+    if fp8 == "bf16":
+        assert s["fp8_recipe"] == "off" and s["fp8_layers"] == 0
+        assert not any(c.startswith("fp8/") for c in columns)
+    else:
+        # 2 blocks x 7 linears in fp8; lm_head kept in high precision by the skip pattern
+        assert s["fp8_recipe"] == fp8 and s["fp8_layers"] == 14 and s["fp8_emulated"] is True
+        assert s["fp8_skipped"] == ["model.lm_head"]
+        assert any(c.startswith("fp8/model.layers.0.") for c in columns)
+    # the validation at the last step is in the log
+    assert any(r.get("val/loss") for r in rows if r["step"] in ("2", "3"))
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_job_and_tabulates(tmp_path):
+    proc = _train(["-m", "fp8=bf16,tensorwise", f"hydra.sweep.dir={tmp_path}"] + TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = {json.loads((tmp_path / j / "summary.json").read_text())["fp8_recipe"] for j in ("0", "1")}
+    assert jobs == {"off", "tensorwise"}
+    table = json.loads((tmp_path / "sweep_summary.json").read_text())
+    assert set(table) == {"0", "1"}
+    assert "sweep summary" in proc.stdout
+
+
+@pytest.mark.slow
+def test_token_file_data(tmp_path):
+    import numpy as np
+
+    ids = (np.arange(40_000) * 7919 % 300).astype(np.uint16)
+    ids.tofile(tmp_path / "train.bin")
+    run_dir = tmp_path / "run"
+    proc = _train(TINY + ["data=tokens", f"data.path={tmp_path / 'train.bin'}", "data.vocab_size=300",
+                          "data.val_fraction=0.05", "model.vocab_size=304", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["seq_len"] == 64
+    # a vocabulary larger than the model's fails before training, naming both keys
+    proc = _train(TINY + ["data=tokens", f"data.path={tmp_path / 'train.bin'}", "data.vocab_size=300",
+                          f"hydra.run.dir={tmp_path / 'run2'}"])
+    assert proc.returncode == 2 and "data.vocab_size=300" in proc.stderr and "model.vocab_size" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, rc, words",
+    [
+        (["fp8=nope"], 1, ["Could not find 'fp8/nope'", "tensorwise", "rowwise_with_gw_hp", "bf16"]),
+        (["model.dim=abc"], 1, ["model.dim", "abc"]),
+        (["trainer.max_stepz=3"], 1, ["max_stepz", "TrainerConf"]),
+        (["fp8.overrides.emulat=true"], 1, ["emulat"]),
+        (["fp8=delayed", "fp8.overrides.delayed_scaling={history_len: 0}"], 2, ["history_len"]),
+        (["data=tokens", "data.path=/nonexistent"], 2, ["data.path", "/nonexistent"]),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path, overrides, rc, words):
+    proc = _train(overrides + [f"hydra.run.dir={tmp_path}"], timeout=120)
+    assert proc.returncode == rc, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for w in words:
+        assert w in proc.stderr, proc.stderr[-2000:]
+    assert "Epoch 0" not in proc.stdout + proc.stderr  # nothing trained
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torchrun_two_cpu_ranks(tmp_path, strategy):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN),
+           f"trainer={strategy}", "trainer.accelerator=cpu", "fp8=delayed", f"hydra.run.dir={tmp_path}"] + TINY
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("run summary") == 1  # rank zero only
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["steps"] == 3 and s["fp8_layers"] == 14
+    assert s["tokens"] == 3 * 2 * 2 * 64 and math.isfinite(s["val_loss"])
