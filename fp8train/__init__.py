@@ -20,7 +20,7 @@ from fp8train.config import (
 )
 from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training
 from fp8train.delayed import sync_float8_amax_and_scale_history
-from fp8train.linear import Float8Linear
+from fp8train.linear import Float8Linear, set_weight_cast_cache
 from fp8train.ops import scaled_mm
 from fp8train.scaling import from_float8, to_float8
 from fp8train.tensor import Float8Tensor
@@ -42,6 +42,7 @@ __all__ = [
     "from_float8",
     "recipe_names",
     "scaled_mm",
+    "set_weight_cast_cache",
     "sync_float8_amax_and_scale_history",
     "to_float8",
 ]

@@ -83,7 +83,7 @@ from typing_extensions import override
 from fp8train.config import Float8LinearConfig, ScalingType, recipe_names
 from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training
 from fp8train.delayed import sync_float8_amax_and_scale_history
-from fp8train.linear import Float8Linear
+from fp8train.linear import Float8Linear, set_weight_cast_cache
 from fp8train.metrics import ROLES, Float8Stats, OperandProbe, local_shard, operand_cast_config
 from fp8train.scaling import EPS, amax_to_scale, floor_pow2, fp8_max
 
@@ -146,6 +146,9 @@ class Float8Training(Callback):
             even with ``stats="off"``; ``0``: never). Each check costs one host sync and, with
             delayed scaling and a ``saturation_bound``, a saturation count of that step's delayed
             operands (two elementwise passes each).
+        cache_weight_casts: with ``accumulate_grad_batches > 1``, cast each weight to fp8 once per
+            optimizer step and reuse it for the later micro-batches (tensorwise weight recipes; costs
+            ``out_features x in_features`` bytes per layer). See ``fp8train.set_weight_cast_cache``.
 
     Raises:
         ValueError: at construction, for an unknown recipe name or any invalid argument (the
@@ -170,6 +173,7 @@ class Float8Training(Callback):
         saturation_bound: float | None = 0.01,
         on_divergence: str = "warn",
         guard_every_n_steps: int | None = None,
+        cache_weight_casts: bool = True,
     ) -> None:
         if isinstance(config, str):
             if config not in recipe_names():
@@ -203,7 +207,10 @@ class Float8Training(Callback):
             raise ValueError(
                 f"Float8Training(guard_every_n_steps={guard_every_n_steps!r}) is invalid; valid: an int >= 0 or None"
             )
+        if not isinstance(cache_weight_casts, bool):
+            raise ValueError(f"Float8Training(cache_weight_casts={cache_weight_casts!r}) is invalid; valid: True or False")
         self.config = config
+        self.cache_weight_casts = cache_weight_casts
         self.stats = stats
         self.saturation_bound = None if saturation_bound is None else float(saturation_bound)
         self.on_divergence = on_divergence
@@ -431,6 +438,8 @@ class Float8Training(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._holder is not None:
+            set_weight_cast_cache(self._holder, "off")
         self._drop_probe()
         self._unpatch()
 
@@ -446,6 +455,9 @@ class Float8Training(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._layers and self.cache_weight_casts and trainer.accumulate_grad_batches > 1:
+            # weights only change at the optimizer step: cast them on its first micro-batch, reuse after
+            set_weight_cast_cache(self._holder, "fill" if self._plan is None else "reuse")
         if not self._layers or self._plan is not None:
             return  # no fp8, or a later micro-batch of the same optimizer step
         plan = self._plan = self._plan_step(trainer)

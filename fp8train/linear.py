@@ -33,7 +33,7 @@ from fp8train.delayed import record_amax, register_delayed_buffers
 from fp8train.ops import Fp8Operand, scaled_mm_operands
 from fp8train.scaling import amax_to_scale, saturated_cast, tensor_amax
 
-__all__ = ["Float8Linear"]
+__all__ = ["Float8Linear", "set_weight_cast_cache"]
 
 _LINK_INPUTS_TO_OUTPUT = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
 INPUT, WEIGHT, GRAD_OUTPUT = GemmInputRole.INPUT, GemmInputRole.WEIGHT, GemmInputRole.GRAD_OUTPUT
@@ -51,6 +51,7 @@ class _Plan:
     need_grad_input: bool  # input.requires_grad, read outside the autograd function: some torch
     need_grad_weight: bool  # versions trace ctx.needs_input_grad wrongly under torch.compile
     record_amax: bool  # training mode: eval/validation forwards must not move delayed scales
+    weight_cache: str = "off"  # "fill": cast the weight and store it; "reuse": use the stored cast
 
 
 def _cast(
@@ -105,14 +106,21 @@ class _Float8LinearFn(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor,
         plan: _Plan,
-        *delayed: torch.Tensor,
+        *state: torch.Tensor,
     ) -> torch.Tensor:
         cfg = plan.config
+        delayed, cache = (state[:6], state[6:]) if cfg.has_delayed else ((), state)
         amax_x, amax_w, amax_go, scale_x, scale_w, scale_go = delayed or (None,) * 6
 
         # GEMM 1: output = input @ weight.T      [M,K] @ [K,N] -> [M,N]
         x8 = _cast(x, cfg.cast_config_input, INPUT, -1, plan, scale_x, amax_x)
-        w8 = _cast(weight, cfg.cast_config_weight, WEIGHT, -1, plan, scale_w, amax_w)
+        if plan.weight_cache == "reuse":  # a later micro-batch: the weight has not changed since "fill"
+            w8 = Fp8Operand(cache[0], cache[1])
+        else:
+            w8 = _cast(weight, cfg.cast_config_weight, WEIGHT, -1, plan, scale_w, amax_w)
+            if plan.weight_cache == "fill":
+                cache[0].copy_(w8.data)
+                cache[1].copy_(w8.scale)
         out = _gemm(x8, w8.t(), plan.mm.output, plan.compute_dtype, plan.compute_dtype)
         if _LINK_INPUTS_TO_OUTPUT:
             # torch 2.11's dynamo keeps gradients only for inputs the traced forward output depends
@@ -129,7 +137,7 @@ class _Float8LinearFn(torch.autograd.Function):
         ctx.x_fp8, ctx.w_fp8 = isinstance(x_saved, Fp8Operand), isinstance(w_saved, Fp8Operand)
         ctx.save_for_backward(*_flat(x_saved), *_flat(w_saved), amax_go, scale_go)
         ctx.plan = plan
-        ctx.n_delayed = len(delayed)
+        ctx.n_state = len(state)
         ctx.dtypes = (x.dtype, weight.dtype)
         return out
 
@@ -159,7 +167,7 @@ class _Float8LinearFn(torch.autograd.Function):
                 go_gw = _cast(grad_out, cfg.grad_output_for_grad_weight, GRAD_OUTPUT, 0, plan)
             x_gw = x_keep if isinstance(x_keep, Fp8Operand) else _cast(x_keep, cfg.input_for_grad_weight, INPUT, 0, plan)
             grad_w = _gemm(go_gw.t(), x_gw, plan.mm.grad_weight, w_dtype, plan.compute_dtype)
-        return (grad_x, grad_w, None) + (None,) * ctx.n_delayed
+        return (grad_x, grad_w, None) + (None,) * ctx.n_state
 
 
 class Float8Linear(nn.Linear):
@@ -194,6 +202,8 @@ class Float8Linear(nn.Linear):
         self.linear_mm_config = self.config.linear_mm_config
         #: False runs this layer in high precision (set by the divergence guard's fallback).
         self.fp8_enabled = True
+        #: "off", "fill" or "reuse"; see ``set_weight_cast_cache``.
+        self.weight_cast_cache = "off"
         if self.config.has_delayed:
             register_delayed_buffers(self, self.config, self.weight.device)
 
@@ -227,14 +237,24 @@ class Float8Linear(nn.Linear):
             need_grad_input=input.requires_grad,
             need_grad_weight=self.weight.requires_grad,
             record_amax=self.training,
+            weight_cache=self.weight_cast_cache if self.training else "off",
         )
         x = input.reshape(-1, self.in_features).to(compute_dtype)
         with torch.autocast(device_type, enabled=False):
-            out = _Float8LinearFn.apply(x, self.weight, plan, *self._delayed_state())
+            state = self._delayed_state()
+            if plan.weight_cache != "off":
+                state += (self.fp8_weight_cache, self.fp8_weight_cache_scale)
+            out = _Float8LinearFn.apply(x, self.weight, plan, *state)
         out = out.reshape(*input.shape[:-1], self.out_features)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
+
+    @property
+    def supports_weight_cast_cache(self) -> bool:
+        """Whether one fp8 cast of the weight can serve every GEMM of a step (tensorwise weight
+        casts that the grad_input GEMM reuses as they are)."""
+        return _reusable(self.config.cast_config_weight, self.config.weight_for_grad_input)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "Float8Linear":
         # Scaling state stays fp32 whatever dtype the module is cast to (model.to(torch.bfloat16),
@@ -253,3 +273,44 @@ class Float8Linear(nn.Linear):
         c = self.config
         casts = f"input={c.cast_config_input}, weight={c.cast_config_weight}, grad_output={c.cast_config_grad_output}"
         return f"{super().extra_repr()}, {casts}, fp8_enabled={self.fp8_enabled}"
+
+
+_CACHE_MODES = ("off", "fill", "reuse")
+
+
+def set_weight_cast_cache(model: nn.Module, mode: str) -> int:
+    """Reuse each layer's fp8 weight cast across the micro-batches of one optimizer step.
+
+    With gradient accumulation the weights do not change between micro-batches, so their fp8 cast
+    need not be redone. Call with ``"fill"`` before the first micro-batch of a step (the cast is
+    made and stored in the non-persistent buffers ``fp8_weight_cache``/``fp8_weight_cache_scale``,
+    ``out_features x in_features`` bytes per layer), ``"reuse"`` before each later micro-batch, and
+    ``"off"`` to stop. Layers whose recipe casts the weight axiswise are left alone. Eval-mode
+    forwards always cast afresh. Under ``torch.compile`` the two modes are two graphs, each compiled
+    once. The Lightning callback drives this for you.
+
+    Returns:
+        The number of layers that use the cache.
+
+    Raises:
+        ValueError: unknown mode, or ``"reuse"`` before any ``"fill"``.
+    """
+    if mode not in _CACHE_MODES:
+        raise ValueError(f"mode={mode!r} is invalid; valid: one of {list(_CACHE_MODES)}")
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, Float8Linear) or not m.supports_weight_cast_cache:
+            continue
+        if mode == "reuse" and m.weight_cast_cache == "off":
+            raise ValueError(
+                "set_weight_cast_cache(model, 'reuse') before any 'fill': call it with 'fill' before the "
+                "first micro-batch of the step"
+            )
+        if mode != "off" and getattr(m, "fp8_weight_cache", None) is None:
+            w = m.weight
+            m.register_buffer("fp8_weight_cache", torch.empty(w.shape, dtype=m.config.cast_config_weight.target_dtype,
+                                                              device=w.device), persistent=False)
+            m.register_buffer("fp8_weight_cache_scale", torch.ones((), device=w.device), persistent=False)
+        m.weight_cast_cache = mode
+        n += 1
+    return n

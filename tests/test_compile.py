@@ -64,3 +64,15 @@ def test_delayed_compiles_once_and_updates_state():
     assert scales[-1][0] < scales[1][0]
     assert not torch.equal(scales[-1][1], scales[0][1])
     assert model[0].fp8_amax_history_input[0] > 0 and model[2].fp8_amax_history_grad_output[0] > 0
+
+
+def test_weight_cast_cache_compiles_two_graphs():
+    model = fp8train.convert_to_float8_training(_mlp(), config="tensorwise")
+    backend = CountingBackend()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    for step in range(3):
+        for i in range(3):
+            fp8train.set_weight_cast_cache(model, "fill" if i == 0 else "reuse")
+            compiled(torch.randn(32, 64)).pow(2).mean().backward()
+    assert backend.frames <= 2, backend.frames  # fill and reuse, each compiled once

@@ -280,6 +280,28 @@ def test_gradient_accumulation_syncs_once_per_optimizer_step(tmp_path, monkeypat
     assert model.net[0].is_amax_initialized
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_weight_casts_reused_across_micro_batches(tmp_path, monkeypatch, recipe):
+    from fp8train import linear as fp8_linear
+    from fp8train.config import GemmInputRole
+
+    casts = []
+    real_cast = fp8_linear._cast
+    monkeypatch.setattr(fp8_linear, "_cast", lambda t, cfg, role, *a, **k: (casts.append(role), real_cast(t, cfg, role, *a, **k))[1])
+    results = {}
+    for cache in (False, True):
+        casts.clear()
+        torch.manual_seed(0)
+        model = TinyMLP()
+        cb = Float8Training(recipe, cache_weight_casts=cache)
+        make_trainer(tmp_path / str(cache), [cb], max_steps=2, accumulate_grad_batches=3,
+                     limit_val_batches=0).fit(model, loader(n_batches=6))
+        results[cache] = (casts.count(GemmInputRole.WEIGHT), [p.detach().clone() for p in model.parameters()])
+    (n_plain, w_plain), (n_cached, w_cached) = results[False], results[True]
+    assert n_cached * 3 == n_plain  # one weight cast per optimizer step instead of one per micro-batch
+    assert all(torch.equal(a, b) for a, b in zip(w_plain, w_cached))  # and bit-identical training
+
+
 def test_manual_optimization_syncs_on_each_optimizer_step(tmp_path, monkeypatch):
     calls = []
     real_sync = fl.sync_float8_amax_and_scale_history

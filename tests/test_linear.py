@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fp8train
-from fp8train import Float8Linear, Float8LinearConfig, Float8Tensor, ScaledMMConfig, recipe_names
+from fp8train import Float8Linear, Float8LinearConfig, Float8Tensor, GemmInputRole, ScaledMMConfig, recipe_names
 from _helpers import sqnr, three_gemm_sqnr
 
 # SQNR (dB) of each GEMM vs an fp64 nn.Linear, M=256 K=128 N=64, seed 0, torch 2.13 CPU.
@@ -214,3 +214,52 @@ def test_large_values_saturate_not_inf():
     fp8train.sync_float8_amax_and_scale_history(f8)
     y = f8(x * 1e4)  # 10^4 × beyond the scale: saturates instead of overflowing
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_weight_cast_cache_across_micro_batches_is_exact(recipe, monkeypatch):
+    from fp8train import linear as L
+
+    casts = []
+    real_cast = L._cast
+
+    def spy(t, cfg, role, *a, **kw):
+        casts.append(role)
+        return real_cast(t, cfg, role, *a, **kw)
+
+    monkeypatch.setattr(L, "_cast", spy)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    plain = fp8train.convert_to_float8_training(copy.deepcopy(base), config=recipe)
+    cached = fp8train.convert_to_float8_training(copy.deepcopy(base), config=recipe)
+    micro = [torch.randn(8, 32) for _ in range(3)]
+    counts = {}
+    for name, m in (("plain", plain), ("cached", cached)):
+        casts.clear()
+        for step in range(2):
+            for i, x in enumerate(micro):
+                if name == "cached":
+                    assert fp8train.set_weight_cast_cache(m, "fill" if i == 0 else "reuse") == 2
+                m(x * (step + 1)).pow(2).mean().backward()
+            fp8train.sync_float8_amax_and_scale_history(m)
+        counts[name] = casts.count(GemmInputRole.WEIGHT)
+    assert counts == {"plain": 2 * 3 * 2, "cached": 2 * 1 * 2}  # steps x casts per step x layers
+    for (k, a), (_, b) in zip(plain.state_dict().items(), cached.state_dict().items()):
+        assert torch.equal(a, b), k
+    for pa, pb in zip(plain.parameters(), cached.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+    cached.eval()  # eval forwards cast afresh
+    assert torch.equal(cached(micro[0]), plain.eval()(micro[0]))
+
+
+def test_weight_cast_cache_errors_and_axiswise_skipped():
+    m = fp8train.convert_to_float8_training(nn.Sequential(nn.Linear(32, 32)), config="tensorwise")
+    with pytest.raises(ValueError, match="before any 'fill'"):
+        fp8train.set_weight_cast_cache(m, "reuse")
+    with pytest.raises(ValueError, match="valid: one of"):
+        fp8train.set_weight_cast_cache(m, "sometimes")
+    rw = fp8train.convert_to_float8_training(nn.Sequential(nn.Linear(32, 32)), config="rowwise")
+    assert fp8train.set_weight_cast_cache(rw, "fill") == 0
+    assert fp8train.set_weight_cast_cache(m, "fill") == 1
+    assert hasattr(m[0], "fp8_weight_cache")
+    assert not any("weight_cache" in k for k in m.state_dict())  # non-persistent: checkpoints unchanged
