@@ -5,6 +5,8 @@
     ...                                     module_filter_fn=lambda mod, fqn: fqn != "lm_head")
     >>> # once per optimizer step, after backward, with delayed scaling:
     >>> fp8train.sync_float8_amax_and_scale_history(model)
+    >>> # once per optimizer step, after it, with FSDP2 and enable_fsdp_float8_all_gather=True:
+    >>> fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
 """
 
 from fp8train.config import (
@@ -20,6 +22,7 @@ from fp8train.config import (
 )
 from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training
 from fp8train.delayed import sync_float8_amax_and_scale_history
+from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from fp8train.linear import Float8Linear, set_weight_cast_cache
 from fp8train.ops import scaled_mm
 from fp8train.scaling import from_float8, to_float8
@@ -40,6 +43,7 @@ __all__ = [
     "conversion_report",
     "convert_to_float8_training",
     "from_float8",
+    "precompute_float8_dynamic_scale_for_fsdp",
     "recipe_names",
     "scaled_mm",
     "set_weight_cast_cache",

@@ -17,6 +17,18 @@ backward): it stacks every layer's state, all-reduces amax with MAX across ranks
 histories, recomputes scales and writes everything back with ``torch._foreach_copy_`` — a fixed
 number of kernels whatever the layer count. A non-finite amax leaves that operand's history and
 scale untouched and increments its ``fp8_nonfinite_{r}`` counter.
+
+Which ranks the MAX covers: every rank that holds a piece of an operand must take part, so that
+all of them cast with the scale of the whole tensor. The default (the world) covers data
+parallelism (each rank sees other tokens), FSDP2 (with fp8 all-gather each rank records its
+weight shard's amax) and tensor parallelism (each rank records its shard of weight, activation
+or gradient), in any combination (2-D DP x TP meshes included). Pass a ``DeviceMesh`` to reduce
+over exactly its ranks (one all-reduce per mesh dimension), e.g. under pipeline parallelism,
+where stages hold different layers and a world-wide all-reduce of per-stage stacks would not
+match up.
+
+Loading a state dict (``load_state_dict``, DCP's ``set_model_state_dict``) marks a layer as synced
+when its loaded amax history holds a value, so a resumed run casts with the loaded scales at once.
 """
 
 from __future__ import annotations
@@ -27,6 +39,8 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from fp8train.config import Float8LinearConfig, GemmInputRole
 from fp8train.scaling import EPS, floor_pow2, fp8_max, tensor_amax
@@ -48,6 +62,16 @@ def register_delayed_buffers(module: nn.Module, config: Float8LinearConfig, devi
     # Python flag: until the first sync, delayed operands are cast with dynamic scales (there is
     # no history yet). It flips once, so torch.compile recompiles at most once for it.
     module.is_amax_initialized = False
+    if not getattr(module, "_fp8train_delayed_load_hook", False):
+        module.register_load_state_dict_post_hook(_mark_synced_after_load)
+        module._fp8train_delayed_load_hook = True
+
+
+def _mark_synced_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """A loaded amax history means the layer was synced before (``is_amax_initialized``)."""
+    hist = [_local(getattr(module, f"fp8_amax_history_{r}", None)) for r in ROLES]
+    if all(h is not None and not h.is_meta for h in hist):
+        module.is_amax_initialized = bool(torch.stack([h.ne(0).any() for h in hist]).any())  # host sync, at load only
 
 
 def record_amax(amax_buffer: torch.Tensor, x: torch.Tensor) -> None:
@@ -70,8 +94,13 @@ def _group_key(cfg: Float8LinearConfig) -> tuple[Any, ...]:
     return (d.history_len, d.amax_compute_algo, float(d.margin), cfg.round_scales_to_power_of_2, dtypes)
 
 
+def _local(t: Any) -> Any:
+    # PyTorch's TP styles replicate buffers as DTensors; the state is the local (= whole) tensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _buffers(layers: list[nn.Module], kind: str) -> list[torch.Tensor]:
-    return [getattr(m, f"fp8_{kind}_{r}") for m in layers for r in ROLES]
+    return [_local(getattr(m, f"fp8_{kind}_{r}")) for m in layers for r in ROLES]
 
 
 @torch.no_grad()
@@ -80,8 +109,10 @@ def sync_float8_amax_and_scale_history(model: nn.Module, process_group: Any = No
 
     Call once per optimizer step, after the last micro-batch's backward and before
     ``optimizer.step()`` (the Lightning callback does this for you). With ``torch.distributed``
-    initialised, amax is all-reduced with MAX over ``process_group`` (default: the world), so every
-    rank ends with identical scales.
+    initialised, amax is all-reduced with MAX over ``process_group`` (default: the world; a
+    ``ProcessGroup``, or a ``DeviceMesh`` for all of its ranks), so every rank ends with identical
+    scales: those of the whole tensor, however it is split across data-, FSDP- and
+    tensor-parallel ranks (see the module docstring).
     """
     groups: dict[tuple[Any, ...], list[nn.Module]] = defaultdict(list)
     for m in _delayed_layers(model):
@@ -99,10 +130,12 @@ def _sync_group(layers: list[nn.Module], key: tuple[Any, ...], process_group: An
     scale_bufs, count_bufs = _buffers(layers, "scale"), _buffers(layers, "nonfinite")
 
     amax = torch.stack(amax_bufs).view(n_layers, 3)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+    groups = _reduction_groups(process_group)
+    if groups:
         # NaN under a MAX all-reduce is backend-dependent; inf is not, so every rank skips alike.
         amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=process_group)
+        for group in groups:
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     history = torch.stack(hist_bufs).view(n_layers, 3, history_len)
     old_scale = torch.stack(scale_bufs).view(n_layers, 3)
 
@@ -124,3 +157,12 @@ def _sync_group(layers: list[nn.Module], key: tuple[Any, ...], process_group: An
     torch._foreach_copy_(scale_bufs, list(scale.view(-1).unbind(0)))
     torch._foreach_copy_(count_bufs, list(counts.view(-1).unbind(0)))
     torch._foreach_zero_(amax_bufs)
+
+
+def _reduction_groups(process_group: Any) -> list[Any]:
+    """The process groups to all-reduce over, one after the other (none when single-process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    if isinstance(process_group, DeviceMesh):
+        return [process_group.get_group(d) for d in range(process_group.ndim) if process_group.size(d) > 1]
+    return [process_group] if dist.get_world_size(process_group) > 1 else []

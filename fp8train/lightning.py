@@ -18,13 +18,20 @@ What the callback does, and when (Lightning 2.x hook order in ``Trainer.fit``)::
   ``_call_configure_model``'s init contexts); they are removed in ``teardown``. Calling
   ``configure_model`` ourselves from ``setup`` instead would run it outside those contexts and
   twice. Parameters are kept (same objects), so nothing else changes. With a strategy where
-  ``configure_model`` itself shards the model (``ModelParallelStrategy`` + ``fully_shard``), call
-  ``Float8Training.convert(self)`` inside ``configure_model`` before sharding (layers converted
-  there, or by ``fp8train.convert_to_float8_training``, are adopted as they are).
+  ``configure_model`` itself shards the model (``ModelParallelStrategy`` + ``fully_shard`` /
+  ``parallelize_module``), call ``Float8Training.convert(self)`` inside ``configure_model`` before
+  sharding, in the order convert -> tensor parallel (``fp8train.tp`` styles) -> compile ->
+  ``fully_shard`` (layers converted there, or by ``fp8train.convert_to_float8_training``, are
+  adopted as they are; the weight of a layer converted after sharding is a DTensor already,
+  which ``enable_fsdp_float8_all_gather`` refuses).
 * **Sync.** With delayed scaling, ``sync_float8_amax_and_scale_history`` runs in
   ``on_before_optimizer_step``: Lightning calls it once per optimizer step, after the closure ran
   every micro-batch's backward (``accumulate_grad_batches > 1`` accumulates amax over the
   micro-batches and syncs once), and before the optimizer updates the weights.
+* **FSDP2 fp8 all-gather.** With ``enable_fsdp_float8_all_gather=True`` and dynamic weight
+  scaling, ``fp8train.precompute_float8_dynamic_scale_for_fsdp`` runs at train start and after
+  every optimizer step (in ``on_train_batch_end`` of the batch that stepped), so each all-gather
+  finds its weight's scale ready (see ``fp8train.fsdp``).
 * **Statistics** (``stats``) are sampled on *logging steps* only (every ``log_every_n_steps``
   optimizer steps, decided at the step's first micro-batch), so other steps run no extra kernel
   and no host sync. ``"summary"`` reads what already exists: the delayed-scaling buffers (this
@@ -83,6 +90,7 @@ from typing_extensions import override
 from fp8train.config import Float8LinearConfig, ScalingType, recipe_names
 from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training
 from fp8train.delayed import sync_float8_amax_and_scale_history
+from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from fp8train.linear import Float8Linear, set_weight_cast_cache
 from fp8train.metrics import ROLES, Float8Stats, OperandProbe, local_shard, operand_cast_config
 from fp8train.scaling import EPS, amax_to_scale, floor_pow2, fp8_max
@@ -225,6 +233,7 @@ class Float8Training(Callback):
         self._layers: list[Float8Linear] = []
         self._holder: nn.ModuleList | None = None
         self._has_delayed = False
+        self._precompute = False
         self._report = ConversionReport(config=config)
         self._patches: list[tuple[nn.Module, str, Any]] = []
         # per step
@@ -328,6 +337,9 @@ class Float8Training(Callback):
         self._layers = [m for _, m in pairs]
         self._holder = nn.ModuleList(self._layers)
         self._has_delayed = any(m.config.has_delayed for m in self._layers)
+        self._precompute = any(m.config.enable_fsdp_float8_all_gather
+                               and m.config.cast_config_weight.scaling_type is ScalingType.DYNAMIC
+                               for m in self._layers)
         linears = {n for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)}
         skipped = {n: r for n, r in self._skipped.items() if n in linears and n not in self._names}
         self._report = ConversionReport(converted=list(self._names), skipped=skipped, config=self.config)
@@ -452,6 +464,8 @@ class Float8Training(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ensure_restored()  # strategies that restore after setup do it after on_fit_start
+        if self._precompute:
+            precompute_float8_dynamic_scale_for_fsdp(self._holder)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -509,6 +523,8 @@ class Float8Training(Callback):
             return
         self._stepped = False
         self._batches_since_step = 0
+        if self._precompute:  # the weights just changed: scales for the next FSDP2 fp8 all-gathers
+            precompute_float8_dynamic_scale_for_fsdp(self._holder)
         plan, self._plan = self._plan, None
         if plan is not None and (plan.log or plan.guard):
             self._finish_sampled_step(trainer, plan)

@@ -29,9 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp8train.config import CastConfig, Float8LinearConfig, GemmInputRole, LinearMMConfig, ScaledMMConfig, ScalingType
+from torch.distributed.tensor import DTensor
+
 from fp8train.delayed import record_amax, register_delayed_buffers
+from fp8train.fsdp import enable_float8_all_gather
 from fp8train.ops import Fp8Operand, scaled_mm_operands
-from fp8train.scaling import amax_to_scale, saturated_cast, tensor_amax
+from fp8train.scaling import amax_to_scale, from_float8, saturated_cast, tensor_amax
+from fp8train.tensor import Float8Tensor
+from fp8train.tp import sharded_forward
 
 __all__ = ["Float8Linear", "set_weight_cast_cache"]
 
@@ -92,6 +97,17 @@ def _flat(t: Operand | None) -> tuple[torch.Tensor | None, ...]:
     return (t.data, t.scale) if isinstance(t, Fp8Operand) else (t,)
 
 
+def _given(t: Float8Tensor) -> Fp8Operand:
+    """An operand that arrived already in fp8: the weight after FSDP2's fp8 all-gather
+    (``fp8train.fsdp``), the input after a sequence-parallel fp8 all-gather (``fp8train.tp``)."""
+    return Fp8Operand(t._data, t._scale)
+
+
+def _hp(t: torch.Tensor, t8: Operand) -> torch.Tensor:
+    """``t`` in high precision, for a backward GEMM that casts it differently from the forward."""
+    return t8.dequantize(t.dtype) if isinstance(t, Float8Tensor) else t
+
+
 def _reusable(forward_cfg: CastConfig, backward_cfg: CastConfig) -> bool:
     """Can the forward's fp8 operand serve the backward GEMM as is?"""
     return forward_cfg.enabled and forward_cfg == backward_cfg and not forward_cfg.axiswise
@@ -113,8 +129,10 @@ class _Float8LinearFn(torch.autograd.Function):
         amax_x, amax_w, amax_go, scale_x, scale_w, scale_go = delayed or (None,) * 6
 
         # GEMM 1: output = input @ weight.T      [M,K] @ [K,N] -> [M,N]
-        x8 = _cast(x, cfg.cast_config_input, INPUT, -1, plan, scale_x, amax_x)
-        if plan.weight_cache == "reuse":  # a later micro-batch: the weight has not changed since "fill"
+        x8 = _given(x) if isinstance(x, Float8Tensor) else _cast(x, cfg.cast_config_input, INPUT, -1, plan, scale_x, amax_x)
+        if isinstance(weight, Float8Tensor):
+            w8 = _given(weight)
+        elif plan.weight_cache == "reuse":  # a later micro-batch: the weight has not changed since "fill"
             w8 = Fp8Operand(cache[0], cache[1])
         else:
             w8 = _cast(weight, cfg.cast_config_weight, WEIGHT, -1, plan, scale_w, amax_w)
@@ -126,11 +144,11 @@ class _Float8LinearFn(torch.autograd.Function):
             # torch 2.11's dynamo keeps gradients only for inputs the traced forward output depends
             # on differentiably, and _scaled_mm / fp8 casts have no derivative: link both inputs with
             # an exact zero (1-element products; inductor fuses the add into the next pointwise op).
-            out = out + (x.reshape(-1)[:1] * 0 + weight.reshape(-1)[:1] * 0).to(out.dtype)
+            out = out + (_link(x) + _link(weight)).to(out.dtype)
 
         need_dx, need_dw = plan.need_grad_input, plan.need_grad_weight
-        x_keep = x8 if _reusable(cfg.cast_config_input, cfg.input_for_grad_weight) else x
-        w_keep = w8 if _reusable(cfg.cast_config_weight, cfg.weight_for_grad_input) else weight
+        x_keep = x8 if _reusable(cfg.cast_config_input, cfg.input_for_grad_weight) else _hp(x, x8)
+        w_keep = w8 if _reusable(cfg.cast_config_weight, cfg.weight_for_grad_input) else _hp(weight, w8)
         # Fp8Operand is a tuple: save its tensors and rebuild it in backward
         x_saved = (x_keep if need_dw else None)
         w_saved = (w_keep if need_dx else None)
@@ -170,6 +188,10 @@ class _Float8LinearFn(torch.autograd.Function):
         return (grad_x, grad_w, None) + (None,) * ctx.n_state
 
 
+def _link(t: torch.Tensor) -> torch.Tensor:
+    return (t._scale if isinstance(t, Float8Tensor) else t).reshape(-1)[:1] * 0
+
+
 class Float8Linear(nn.Linear):
     """Drop-in ``nn.Linear`` (same parameters and state_dict keys) that trains with fp8 GEMMs.
 
@@ -206,6 +228,8 @@ class Float8Linear(nn.Linear):
         self.weight_cast_cache = "off"
         if self.config.has_delayed:
             register_delayed_buffers(self, self.config, self.weight.device)
+        if self.config.enable_fsdp_float8_all_gather:
+            enable_float8_all_gather(self)
 
     @classmethod
     def from_float(cls, mod: nn.Linear, config: Float8LinearConfig | None = None) -> "Float8Linear":
@@ -216,6 +240,8 @@ class Float8Linear(nn.Linear):
         new.bias = mod.bias
         if new.config.has_delayed:
             register_delayed_buffers(new, new.config, mod.weight.device)
+        if new.config.enable_fsdp_float8_all_gather:
+            enable_float8_all_gather(new)  # a new Parameter object wrapping the same data
         return new
 
     def _delayed_state(self) -> tuple[torch.Tensor, ...]:
@@ -224,8 +250,14 @@ class Float8Linear(nn.Linear):
         return tuple(getattr(self, f"fp8_{k}_{r}") for k in ("amax", "scale") for r in ("input", "weight", "grad_output"))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, DTensor):  # tensor parallel: the GEMMs run on this rank's shards
+            return sharded_forward(self, input, self._forward)
+        return self._forward(input, self.weight, self.bias)
+
+    def _forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.fp8_enabled:
-            return F.linear(input, self.weight, self.bias)
+            hp = [from_float8(t) if isinstance(t, Float8Tensor) else t for t in (input, weight)]
+            return F.linear(hp[0], hp[1], bias)
         device_type = input.device.type
         autocast = torch.is_autocast_enabled(device_type)
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else input.dtype
@@ -235,26 +267,28 @@ class Float8Linear(nn.Linear):
             compute_dtype=compute_dtype,
             use_stored_scales=bool(getattr(self, "is_amax_initialized", False)),
             need_grad_input=input.requires_grad,
-            need_grad_weight=self.weight.requires_grad,
+            need_grad_weight=weight.requires_grad,
             record_amax=self.training,
             weight_cache=self.weight_cast_cache if self.training else "off",
         )
-        x = input.reshape(-1, self.in_features).to(compute_dtype)
+        x = input.reshape(-1, input.shape[-1]).to(compute_dtype)
         with torch.autocast(device_type, enabled=False):
             state = self._delayed_state()
             if plan.weight_cache != "off":
                 state += (self.fp8_weight_cache, self.fp8_weight_cache_scale)
-            out = _Float8LinearFn.apply(x, self.weight, plan, *state)
-        out = out.reshape(*input.shape[:-1], self.out_features)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+            out = _Float8LinearFn.apply(x, weight, plan, *state)
+        out = out.reshape(*input.shape[:-1], weight.shape[0])
+        if bias is not None:
+            out = out + bias.to(out.dtype)
         return out
 
     @property
     def supports_weight_cast_cache(self) -> bool:
         """Whether one fp8 cast of the weight can serve every GEMM of a step (tensorwise weight
         casts that the grad_input GEMM reuses as they are)."""
-        return _reusable(self.config.cast_config_weight, self.config.weight_for_grad_input)
+        # not for sharded weights: the cache would hold the whole weight on every rank
+        return _reusable(self.config.cast_config_weight, self.config.weight_for_grad_input) and not isinstance(
+            self.weight, DTensor)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "Float8Linear":
         # Scaling state stays fp32 whatever dtype the module is cast to (model.to(torch.bfloat16),

@@ -48,6 +48,7 @@ from torchmetrics import Metric
 from fp8train.config import CastConfig, GemmInputRole, ScalingType
 from fp8train.linear import Float8Linear
 from fp8train.scaling import amax_to_scale, fp8_max
+from fp8train.tensor import Float8Tensor
 
 __all__ = [
     "ROLES",
@@ -116,9 +117,12 @@ def _underflow_counts(
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2/TP weights), else ``t``. Sums and maxes of shards
-    aggregate to the whole tensor's in ``Float8Stats`` (counts add, amax maxes, scale mins)."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    """This rank's shard of a DTensor (FSDP2/TP weights), else ``t``, in high precision (an
+    operand that arrived in fp8, e.g. a weight after FSDP2's fp8 all-gather, is dequantized). Sums
+    and maxes of shards aggregate to the whole tensor's in ``Float8Stats`` (counts add, amax
+    maxes, scale mins)."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.dequantize() if isinstance(t, Float8Tensor) else t
 
 
 # --- per-layer hooks ---------------------------------------------------------------------------------
@@ -237,7 +241,8 @@ class OperandProbe:
             if want_in:
                 if torch.is_autocast_enabled(device_type):  # the layer casts its input first
                     x = x.to(torch.get_autocast_dtype(device_type))
-                self._measure(i, layer, 0, x.reshape(-1, layer.in_features))
+                x = local_shard(x)
+                self._measure(i, layer, 0, x.reshape(-1, x.shape[-1]))
             if want_w:
                 self._measure(i, layer, 1, local_shard(layer.weight))
             if want_go and isinstance(output, torch.Tensor) and output.requires_grad:
@@ -249,7 +254,8 @@ class OperandProbe:
 
     def _on_grad_output(self, i: int, layer: Float8Linear, g: torch.Tensor) -> None:
         if not self.paused:
-            self._measure(i, layer, 2, g.reshape(-1, layer.out_features))
+            g = local_shard(g)
+            self._measure(i, layer, 2, g.reshape(-1, g.shape[-1]))
 
     @torch.no_grad()
     def _measure(self, i: int, layer: Float8Linear, r: int, x: torch.Tensor) -> None:

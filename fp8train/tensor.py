@@ -162,6 +162,14 @@ def _view(func: Any, args: Any, kwargs: Any) -> Float8Tensor:
     return t.with_data(func(t._data, *args[1:], **kwargs))
 
 
+@implements([aten.as_strided.default])
+def _as_strided(func: Any, args: Any, kwargs: Any) -> Float8Tensor:
+    # FSDP2 views the all-gathered fp8 weight as the parameter's shape (fp8train.fsdp)
+    t: Float8Tensor = args[0]
+    _require_tensorwise(t, func)
+    return t.with_data(func(t._data, *args[1:], **kwargs))
+
+
 @implements([aten.clone.default, aten.detach.default, aten.alias.default, aten.contiguous.default])
 def _same_meta(func: Any, args: Any, kwargs: Any) -> Float8Tensor:
     t: Float8Tensor = args[0]

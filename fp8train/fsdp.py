@@ -1,0 +1,305 @@
+"""FSDP2 with fp8 all-gather: the weight wrapper and the fused scale precompute.
+
+With ``Float8LinearConfig(enable_fsdp_float8_all_gather=True)`` each ``Float8Linear`` weight is a
+``Float8AllGatherWeight``: a tensor subclass around the high-precision weight (the optimizer, the
+checkpoint and every op see that tensor) that implements FSDP2's all-gather extension, so the
+weight travels in fp8::
+
+    fsdp_pre_all_gather    this rank's shard [N/world, K] (high precision) -> fp8 bytes + the scale
+    all-gather             uint8 [world * N/world * K]: half the bytes of bf16, a quarter of fp32
+    fsdp_post_all_gather   -> Float8Tensor(whole weight [N, K], scale), which Float8Linear's
+                              output and grad_input GEMMs use as it is (no cast in forward)
+
+Weight gradients flow to the sharded high-precision parameter as usual (FSDP2 reduce-scatters
+them in high precision). The gathered bytes share one tensorwise scale, identical on every rank:
+
+* dynamic scaling: ``fp8_max / amax(whole weight)``. ``precompute_float8_dynamic_scale_for_fsdp``
+  computes it for every layer in one fused step after the optimizer step (one ``_foreach_norm`` of
+  the local shards, one MAX all-reduce per mesh dimension). A layer whose weight changed since
+  (an optimizer step, an in-place edit, or no precompute at all) computes its amax with its own
+  all-reduce in pre-all-gather: correct, only slower. The scale is the same as without fp8 all-gather (amax is exact), so
+  losses are bit-identical with and without it.
+* delayed scaling: the layer's ``fp8_scale_weight``; the shard's amax is recorded into
+  ``fp8_amax_weight`` and the sync's MAX all-reduce makes it the whole weight's. Before the first
+  sync, the dynamic scale above.
+
+Why uint8 on the wire: gloo has no fp8 collectives, and FSDP2 itself all-gathers in uint8 when a
+group mixes dtypes; the bytes are the same.
+
+``state_dict()`` holds plain tensors (or DTensors of plain tensors); loading copies into the
+wrapped weight in place. Not supported: ``reshard_after_forward=<int>`` (FSDP2 has no extension
+path for a smaller post-forward mesh), axiswise weight casts (rejected by the config).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils._pytree import tree_map_only
+
+from fp8train.config import Float8LinearConfig, GemmInputRole, ScalingType
+from fp8train.delayed import record_amax
+from fp8train.scaling import amax_to_scale, saturated_cast, tensor_amax
+from fp8train.tensor import Float8Tensor
+
+__all__ = ["Float8AllGatherWeight", "enable_float8_all_gather", "precompute_float8_dynamic_scale_for_fsdp"]
+
+aten = torch.ops.aten
+
+# Ops whose result is (a view or a copy of) the same weight: the result stays wrapped, so the
+# wrapper survives nn.Module._apply (.to, .to_empty), FSDP2's sharding and padding, TP's
+# distribute_tensor, and Parameter creation. Everything else returns plain tensors; zeros_like is
+# left out so that optimizer states (Adam's exp_avg, ...) are plain tensors.
+_KEEP_WRAPPED = {
+    aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default,
+    aten.as_strided.default, aten.slice.Tensor, aten.narrow.default, aten.split.Tensor,
+    aten.split_with_sizes.default, aten.chunk.default, aten.clone.default, aten.contiguous.default,
+    aten._to_copy.default, aten.empty_like.default, aten.new_zeros.default,
+    aten.new_empty.default, aten.new_empty_strided.default, aten._pin_memory.default,
+}
+
+
+class Float8AllGatherWeight(torch.Tensor):
+    """A high-precision weight that FSDP2 all-gathers in fp8 (see the module docstring).
+
+    Behaves as the tensor it wraps (same shape, dtype, device; every op runs on it) except that
+    FSDP2 finds ``fsdp_pre_all_gather``/``fsdp_post_all_gather`` on it. It holds no fp8 settings:
+    those come from the ``Float8Linear`` that FSDP2 passes to ``fsdp_pre_all_gather``.
+
+    Args:
+        tensor: the high-precision weight (``[out_features, in_features]``, or a shard of it).
+    """
+
+    _tensor: torch.Tensor
+    _precomputed_scale: torch.Tensor | None
+    _precomputed_at: tuple[int, int]  # (optimizer steps, weight version) when it was computed
+
+    @staticmethod
+    def __new__(cls, tensor: torch.Tensor) -> "Float8AllGatherWeight":
+        self = torch.Tensor._make_wrapper_subclass(
+            cls,
+            tensor.size(),
+            strides=tensor.stride(),
+            storage_offset=tensor.storage_offset(),
+            dtype=tensor.dtype,
+            layout=tensor.layout,
+            device=tensor.device,
+            requires_grad=tensor.requires_grad,
+        )
+        self._tensor = tensor
+        _STEPS.watch()
+        self._precomputed_scale = None
+        self._precomputed_at = (-1, -1)
+        return self
+
+    def __repr__(self) -> str:
+        return f"Float8AllGatherWeight({self._tensor})"
+
+    def __tensor_flatten__(self) -> tuple[list[str], None]:
+        return ["_tensor"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], ctx: Any, outer_size: Any, outer_stride: Any) -> "Float8AllGatherWeight":
+        return Float8AllGatherWeight(inner["_tensor"])
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # pickling (torch.save of a module, deepcopy) stores the wrapped tensor
+        return Float8AllGatherWeight, (self._tensor,)
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        def unwrap(t: Float8AllGatherWeight) -> torch.Tensor:
+            return t._tensor
+
+        out = func(*tree_map_only(cls, unwrap, args), **tree_map_only(cls, unwrap, kwargs or {}))
+        schema_args = func._schema.arguments
+        if schema_args and schema_args[0].alias_info is not None and schema_args[0].alias_info.is_write:
+            # in place (copy_, add_, the optimizer's foreach updates): the wrapper itself, or nothing
+            return args[0] if func._schema.returns else None
+        if func in _KEEP_WRAPPED:
+            return tree_map_only(torch.Tensor, cls, out)
+        return out
+
+    # --- FSDP2 all-gather extension (signatures of torch 2.5 - 2.14) --------------------------------
+    def fsdp_pre_all_gather(
+        self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: nn.Module, mp_policy: Any
+    ) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """This rank's shard cast to fp8 with the whole weight's scale, as uint8 bytes padded to
+        FSDP2's padded shard size; metadata: ``(scale, fp8 dtype, linear_mm_config)``."""
+        config: Float8LinearConfig = module.config
+        dtype = config.cast_config_weight.target_dtype
+        scale = _weight_scale(self, mesh, module)
+        data = saturated_cast(self._tensor, scale, dtype).view(torch.uint8)
+        rows = -(-outer_size[0] // mesh.size())  # FSDP2 pads every shard to the first one's rows
+        if data.shape[0] < rows:
+            data = F.pad(data, (0, 0, 0, rows - data.shape[0]))
+        return (data,), (scale, dtype, module.linear_mm_config)
+
+    def fsdp_post_all_gather(
+        self,
+        all_gather_outputs: tuple[torch.Tensor, ...],
+        metadata: Any,
+        param_dtype: torch.dtype,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> tuple[Float8Tensor, tuple[torch.Tensor, ...]] | None:
+        """The gathered bytes as a Float8Tensor standing for a ``param_dtype`` weight."""
+        (data,) = all_gather_outputs
+        scale, dtype, mm_config = metadata
+        data = data.view(dtype)
+        if out is not None:
+            # later all-gathers reuse the same output buffer (``out``'s data views it): only the
+            # scale is new. ``out`` is a DTensor on the TP mesh for 2-D (TP x FSDP) parameters.
+            local = _local(out)
+            if not isinstance(local, Float8Tensor):
+                raise TypeError(f"fsdp_post_all_gather: expected the Float8Tensor from the first all-gather, got {type(local)}")
+            local._scale = scale
+            return None
+        return Float8Tensor(data, scale, param_dtype, mm_config, GemmInputRole.WEIGHT), (data,)
+
+
+class _StepCounter:
+    """Optimizer steps taken in this process (a global ``torch.optim`` post-step hook, registered
+    when the first ``Float8AllGatherWeight`` is made). A precomputed scale is used only while
+    neither this count nor the weight's version counter moved: a forgotten precompute costs
+    speed, never a stale scale. (Both are checked: foreach in-place ops on wrapper subclasses do
+    not always bump the version counter.)"""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._handle: Any = None
+
+    def watch(self) -> None:
+        if self._handle is None:
+            self._handle = register_optimizer_step_post_hook(self._step)
+
+    def _step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.count += 1
+
+
+_STEPS = _StepCounter()
+
+
+@torch.no_grad()
+def _weight_scale(weight: Float8AllGatherWeight, mesh: Any, module: nn.Module) -> torch.Tensor:
+    config: Float8LinearConfig = module.config
+    cast = config.cast_config_weight
+    shard = weight._tensor
+    if cast.scaling_type is ScalingType.DELAYED:
+        if module.training:
+            record_amax(module.fp8_amax_weight, shard)
+        if module.is_amax_initialized:
+            return module.fp8_scale_weight.clone()  # the sync rewrites the buffer in place
+    elif weight._precomputed_scale is not None and weight._precomputed_at == (_STEPS.count, weight._version):
+        return weight._precomputed_scale
+    amax = tensor_amax(shard) if shard.numel() else torch.zeros((), device=shard.device)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
+    return amax_to_scale(amax, cast.target_dtype, config.round_scales_to_power_of_2)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _unwrap_for_state_dict(t: torch.Tensor) -> torch.Tensor:
+    local = _local(t)
+    if not isinstance(local, Float8AllGatherWeight):
+        return t
+    if isinstance(t, DTensor):  # a view of the same storage: DCP loads into it in place
+        return DTensor.from_local(local._tensor, t.device_mesh, t.placements, run_check=False,
+                                  shape=t.shape, stride=t.stride())
+    return local._tensor
+
+
+def _plain_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    key = prefix + "weight"
+    if isinstance(state_dict.get(key), torch.Tensor):
+        state_dict[key] = _unwrap_for_state_dict(state_dict[key])
+
+
+def enable_float8_all_gather(module: nn.Module) -> None:
+    """Wrap ``module.weight`` in a ``Float8AllGatherWeight`` (idempotent).
+
+    ``Float8Linear`` calls this when its config has ``enable_fsdp_float8_all_gather=True``; the
+    weight becomes a new ``nn.Parameter`` object, so build optimizers after conversion (as after
+    ``fully_shard`` anyway). Call before ``fully_shard`` / ``parallelize_module``.
+
+    Raises:
+        ValueError: the weight is already a DTensor (sharded before conversion).
+    """
+    weight = module.weight
+    if isinstance(_local(weight), Float8AllGatherWeight):
+        return
+    if isinstance(weight, DTensor):
+        raise ValueError(
+            f"enable_fsdp_float8_all_gather: {type(module).__name__}.weight is already a DTensor; convert to "
+            f"fp8 before fully_shard / parallelize_module (order: convert -> tensor parallel -> compile -> FSDP)"
+        )
+    module.weight = nn.Parameter(Float8AllGatherWeight(weight.data), requires_grad=weight.requires_grad)
+    if not getattr(module, "_fp8train_plain_state_dict", False):
+        module.register_state_dict_post_hook(_plain_state_dict_hook)
+        module._fp8train_plain_state_dict = True
+
+
+@torch.no_grad()
+def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> int:
+    """Compute the fp8 all-gather scale of every dynamically scaled, FSDP2-sharded weight at once.
+
+    Call after each ``optimizer.step()`` (the Lightning callback does) when layers use
+    ``enable_fsdp_float8_all_gather=True`` with dynamic weight scaling. One ``_foreach_norm`` over
+    the local shards, one MAX all-reduce per dimension of the weights' device mesh, one vectorised
+    scale computation: a fixed number of kernels whatever the layer count, and no host sync. The
+    next all-gathers of each weight use the result; a weight modified after this call falls back
+    to computing its own scale.
+
+    Args:
+        model: any module; its layers with ``Float8AllGatherWeight`` weights sharded by FSDP2
+            (DTensor parameters) are updated, the others ignored.
+
+    Returns:
+        The number of weights updated.
+
+    Example:
+        >>> loss.backward(); optimizer.step()
+        >>> fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
+    """
+    by_mesh: dict[Any, list[nn.Module]] = defaultdict(list)
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        weight = getattr(m, "weight", None)
+        if (
+            isinstance(config, Float8LinearConfig)
+            and isinstance(weight, DTensor)
+            and isinstance(weight._local_tensor, Float8AllGatherWeight)
+            and config.cast_config_weight.scaling_type is ScalingType.DYNAMIC
+        ):
+            by_mesh[weight.device_mesh].append(m)
+    n = 0
+    for mesh, layers in by_mesh.items():
+        wrappers = [m.weight._local_tensor for m in layers]
+        shards = [w._tensor for w in wrappers]
+        amax = torch.stack(torch._foreach_norm(shards, float("inf"))).to(torch.float32)
+        for dim in range(mesh.ndim):
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+        # amax_to_scale on the whole vector (one call per distinct setting, usually one): the same
+        # arithmetic as a cast's own scale, so precomputing changes no bit of the result
+        keys = [(m.config.cast_config_weight.target_dtype, m.config.round_scales_to_power_of_2) for m in layers]
+        scales = torch.empty_like(amax)
+        for key in dict.fromkeys(keys):
+            idx = torch.tensor([i for i, k in enumerate(keys) if k == key], device=amax.device)
+            scales[idx] = amax_to_scale(amax[idx], *key)
+        for w, s in zip(wrappers, scales.unbind(0)):
+            w._precomputed_scale = s
+            w._precomputed_at = (_STEPS.count, w._version)
+        n += len(layers)
+    return n
+
