@@ -159,13 +159,20 @@ def scenario_fsdp(rank: int, world: int) -> dict:
     out: dict = {}
     for recipe in ("tensorwise", "delayed"):
         runs = {}
-        for name, all_gather, precompute in (("off", False, False), ("on", True, True), ("on_no_precompute", True, False)):
+        # (name, fp8 all-gather, precompute: "each step" | "once" | None, compiled blocks)
+        for name, all_gather, precompute, compiled in (
+            ("off", False, None, False), ("on", True, "each step", False), ("on_no_precompute", True, None, False),
+            ("on_precompute_once", True, "once", False), ("on_compiled", True, "each step", True),
+        ):
             model = build(recipe, all_gather)
+            if compiled:
+                for b in model.blocks:
+                    b.compile(backend="aot_eager")  # inductor works too (bit-identical), but compiles slowly on CPU
             shard_fsdp(model, mesh)
             wrapped = isinstance(model.blocks[0].w1.weight.to_local(), Float8AllGatherWeight)
-            after = fp8train.precompute_float8_dynamic_scale_for_fsdp if precompute else None
-            if after is not None:
-                after(model)  # before the first step too, as the Lightning callback does at train start
+            if precompute is not None:  # before the first step too, as the Lightning callback does at train start
+                fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
+            after = fp8train.precompute_float8_dynamic_scale_for_fsdp if precompute == "each step" else None
             ALL_REDUCE_CALLERS.clear()
             losses = train(model, data, dp, after)
             sd_types = {type(v.to_local() if isinstance(v, DTensor) else v).__name__ for v in model.state_dict().values()}
@@ -216,8 +223,10 @@ def scenario_fsdp_tp(rank: int, world: int) -> dict:
         local = model.blocks[0].w1.weight.to_local()
         n = world // 2
         inputs = lambda x, y: (x.chunk(n)[dp_rank], y.chunk(n)[dp_rank], n)  # noqa: E731
+        fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
+        ALL_REDUCE_CALLERS.clear()
         losses = train(model, data, inputs, fp8train.precompute_float8_dynamic_scale_for_fsdp)
-        out[recipe] = {"losses": losses, "reference": reference(recipe, data), "fp8": fp8_buffers(model),
+        out[recipe] = {"losses": losses, "all_reduces": dict(ALL_REDUCE_CALLERS), "reference": reference(recipe, data), "fp8": fp8_buffers(model),
                        "placements": str(model.blocks[0].w1.weight.placements),
                        "local_type": type(local).__name__}
     return out
