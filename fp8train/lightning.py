@@ -816,6 +816,9 @@ class Float8Training(Callback):
     def _check_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Runs inside ``LightningModule.on_load_checkpoint``, i.e. before the strict weight load."""
         self._index(pl_module)
+        # a sharded checkpoint (ModelParallelStrategy / FSDP2) has no "state_dict" here: the strategy
+        # has already loaded the weights into the model itself (strictly), so only the recipe is checked
+        sharded = "state_dict" not in checkpoint
         state = checkpoint.get("state_dict", {})
         meta = checkpoint.get(CHECKPOINT_KEY)
         expected = self._expected_fp8_state()
@@ -833,7 +836,7 @@ class Float8Training(Callback):
                 problems.append(f"layers in fp8 only in the checkpoint: {only_ckpt}")
             if only_now:
                 problems.append(f"layers in fp8 only in this run: {only_now}")
-        if not problems and (found or meta is not None):
+        if not problems and not sharded and (found or meta is not None):
             missing = sorted(set(expected) - found)
             unexpected = sorted(found - set(expected))
             if missing:
@@ -855,7 +858,7 @@ class Float8Training(Callback):
                 f"['{CHECKPOINT_KEY}']['config'])), or start a new run from its weights only, e.g. "
                 f"model.load_state_dict(checkpoint['state_dict'], strict=False) before trainer.fit(model)."
             )
-        if not found and meta is None and self._layers:
+        if not sharded and not found and meta is None and self._layers:
             for key, value in expected.items():
                 state[key] = value.detach().clone()
             rank_zero_info(

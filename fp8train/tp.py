@@ -81,14 +81,18 @@ def sharded_forward(module: nn.Module, input: torch.Tensor, forward: LocalForwar
         )
     (wp,) = weight.placements
     out_ndim = input.dim()
+    # need: the input's placement; grad: its gradient's (a column shard of the weight gives a
+    # partial sum of the replicated input's gradient); out_p: the output's
     if _is_shard(wp, 0, 2):
-        need, out_p = Replicate(), Shard(out_ndim - 1)
+        need, grad, out_p = Replicate(), Partial(), Shard(out_ndim - 1)
     elif _is_shard(wp, 1, 2):
-        need, out_p = Shard(out_ndim - 1), Partial()
+        need = grad = Shard(out_ndim - 1)
+        out_p = Partial()
     elif wp.is_replicate():
-        need = out_p = input.placements[0] if isinstance(input, DTensor) else Replicate()
+        need = input.placements[0] if isinstance(input, DTensor) else Replicate()
         if _is_shard(need, -1, out_ndim):
-            need = out_p = Replicate()
+            need = Replicate()
+        grad = out_p = need
     else:
         raise NotImplementedError(f"Float8Linear: weight placement {wp} is not supported under tensor parallelism")
     x = input
@@ -97,7 +101,7 @@ def sharded_forward(module: nn.Module, input: torch.Tensor, forward: LocalForwar
             raise NotImplementedError(f"Float8Linear: input on mesh {x.device_mesh}, weight on {mesh}")
         if not (x.placements[0] == need or (isinstance(need, Shard) and _is_shard(x.placements[0], need.dim, out_ndim))):
             x = x.redistribute(placements=[need])
-        x = x.to_local()
+        x = x.to_local(grad_placements=[grad])
     localize_fp8_buffers(module)
     out = DTensor.from_local(forward(x, weight.to_local(), None), mesh, [out_p], run_check=False)
     bias = getattr(module, "bias", None)

@@ -81,9 +81,12 @@ class Model(nn.Module):
         return self.head(x)
 
 
-def build(recipe: str, all_gather: bool = False) -> nn.Module:
+def build(recipe: str | None, all_gather: bool = False) -> nn.Module:
+    """The test model, converted to fp8 with ``recipe`` (``None``: left in high precision)."""
     torch.manual_seed(0)
     model = Model()
+    if recipe is None:
+        return model
     config = fp8train.Float8LinearConfig.from_recipe_name(recipe, enable_fsdp_float8_all_gather=all_gather)
     fp8train.convert_to_float8_training(model, config=config)
     return model
@@ -94,12 +97,21 @@ def batches(n: int = STEPS, seed: int = 1) -> list[tuple[torch.Tensor, torch.Ten
     return [(torch.randn(BATCH, SEQ, D, generator=g), torch.randn(BATCH, SEQ, D, generator=g)) for _ in range(n)]
 
 
+def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+            for n, p in model.named_parameters()}
+
+
 def train(model: nn.Module, data: list, step_inputs, after_step=None, optimizer=None,
-          sum_plain_grads: bool = False) -> list[float]:
-    """AdamW steps; ``step_inputs(x, y) -> (x_local, y_local, loss_divisor)``; returns global losses.
+          sum_plain_grads: bool = False, first_grads: dict | None = None) -> list[float]:
+    """AdamW steps; ``step_inputs(x, y) -> (x_local, y_local, loss_divisor)``; returns global losses
+    (the mean over ranks of each rank's loss: every rank's share of the batch is the same size).
+    ``loss_divisor`` is the number of ranks whose gradients add up (sequence parallelism); FSDP2
+    averages over its data-parallel ranks itself.
 
     ``sum_plain_grads``: all-reduce the gradients of non-DTensor parameters (sequence parallelism:
-    each rank's norm and head saw only its slice of the sequence)."""
+    each rank's norm and head saw only its slice of the sequence). ``first_grads`` receives the
+    gradients of the first step (whole tensors)."""
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
     for x, y in data:
@@ -110,6 +122,8 @@ def train(model: nn.Module, data: list, step_inputs, after_step=None, optimizer=
             for p in model.parameters():
                 if not isinstance(p, DTensor) and p.grad is not None:
                     _all_reduce(p.grad)
+        if first_grads is not None and not first_grads:
+            first_grads.update(full_grads(model))
         fp8train.sync_float8_amax_and_scale_history(model)
         opt.step()
         opt.zero_grad()
@@ -123,13 +137,15 @@ def train(model: nn.Module, data: list, step_inputs, after_step=None, optimizer=
     return losses
 
 
-def reference(recipe: str, data: list) -> list[float]:
+def reference(recipe: str | None, data: list, first_grads: dict | None = None) -> list[float]:
     """The same model unsharded, on the whole batch, in this process (no collectives)."""
     model, losses = build(recipe), []
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     for x, y in data:
         loss = F.mse_loss(model(x), y)
         loss.backward()
+        if first_grads is not None and not first_grads:
+            first_grads.update(full_grads(model))
         fp8train.sync_float8_amax_and_scale_history(model, process_group=_SELF)
         opt.step()
         opt.zero_grad()
@@ -155,8 +171,10 @@ def shard_fsdp(model: Model, mesh) -> None:
 def scenario_fsdp(rank: int, world: int) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     data = batches()
-    dp = lambda x, y: (x.chunk(world)[rank], y.chunk(world)[rank], world)  # noqa: E731
-    out: dict = {}
+    hp_grads: dict = {}
+    reference(None, data[:1], hp_grads)
+    dp = lambda x, y: (x.chunk(world)[rank], y.chunk(world)[rank], 1)  # noqa: E731
+    out: dict = {"hp_grads": hp_grads}
     for recipe in ("tensorwise", "delayed"):
         runs = {}
         # (name, fp8 all-gather, precompute: "each step" | "once" | None, compiled blocks)
@@ -174,11 +192,13 @@ def scenario_fsdp(rank: int, world: int) -> dict:
                 fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
             after = fp8train.precompute_float8_dynamic_scale_for_fsdp if precompute == "each step" else None
             ALL_REDUCE_CALLERS.clear()
-            losses = train(model, data, dp, after)
+            grads: dict = {}
+            losses = train(model, data, dp, after, first_grads=grads)
             sd_types = {type(v.to_local() if isinstance(v, DTensor) else v).__name__ for v in model.state_dict().values()}
-            runs[name] = {"losses": losses, "wrapped": wrapped, "all_reduces": dict(ALL_REDUCE_CALLERS),
+            runs[name] = {"losses": losses, "wrapped": wrapped, "grads": grads, "all_reduces": dict(ALL_REDUCE_CALLERS),
                           "weights": full_weights(model), "fp8": fp8_buffers(model), "state_dict_types": sd_types}
-        runs["reference"] = {"losses": reference(recipe, data)}
+        ref_grads: dict = {}
+        runs["reference"] = {"losses": reference(recipe, data, ref_grads), "grads": ref_grads}
         out[recipe] = runs
     return out
 
@@ -194,7 +214,9 @@ def tp_plan(kind: str) -> dict:
 def scenario_tp(rank: int, world: int) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     data = batches()
-    out: dict = {}
+    hp_grads: dict = {}
+    reference(None, data[:1], hp_grads)
+    out: dict = {"hp_grads": hp_grads}
     for recipe, kind in (("tensorwise", "tp"), ("tensorwise", "sp"), ("delayed", "tp"), ("delayed", "sp"),
                          ("delayed", "stock"), ("rowwise", "tp")):
         model = build(recipe)
@@ -204,8 +226,12 @@ def scenario_tp(rank: int, world: int) -> dict:
             inputs = lambda x, y: (x.chunk(world, 1)[rank], y.chunk(world, 1)[rank], world)  # noqa: E731
         else:
             inputs = lambda x, y: (x, y, 1)  # noqa: E731
-        losses = train(model, data, inputs, sum_plain_grads=kind == "sp")
-        out[f"{recipe}/{kind}"] = {"losses": losses, "reference": reference(recipe, data), "fp8": fp8_buffers(model),
+        grads: dict = {}
+        ref_grads: dict = {}
+        losses = train(model, data, inputs, sum_plain_grads=kind == "sp", first_grads=grads)
+        out[f"{recipe}/{kind}"] = {"losses": losses, "reference": reference(recipe, data, ref_grads),
+                                   "fp8": fp8_buffers(model), "weights": full_weights(model),
+                                   "grads": grads, "reference_grads": ref_grads,
                                    "weight_type": type(model.blocks[0].w1.weight).__name__}
     return out
 
@@ -214,7 +240,9 @@ def scenario_fsdp_tp(rank: int, world: int) -> dict:
     mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
     dp_rank = mesh.get_local_rank("dp")
     data = batches()
-    out: dict = {}
+    hp_grads: dict = {}
+    reference(None, data[:1], hp_grads)
+    out: dict = {"hp_grads": hp_grads}
     for recipe in ("tensorwise", "delayed"):
         model = build(recipe, all_gather=True)
         for b in model.blocks:
@@ -222,11 +250,15 @@ def scenario_fsdp_tp(rank: int, world: int) -> dict:
         shard_fsdp(model, mesh["dp"])
         local = model.blocks[0].w1.weight.to_local()
         n = world // 2
-        inputs = lambda x, y: (x.chunk(n)[dp_rank], y.chunk(n)[dp_rank], n)  # noqa: E731
+        inputs = lambda x, y: (x.chunk(n)[dp_rank], y.chunk(n)[dp_rank], 1)  # noqa: E731
         fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
         ALL_REDUCE_CALLERS.clear()
-        losses = train(model, data, inputs, fp8train.precompute_float8_dynamic_scale_for_fsdp)
-        out[recipe] = {"losses": losses, "all_reduces": dict(ALL_REDUCE_CALLERS), "reference": reference(recipe, data), "fp8": fp8_buffers(model),
+        grads: dict = {}
+        ref_grads: dict = {}
+        losses = train(model, data, inputs, fp8train.precompute_float8_dynamic_scale_for_fsdp, first_grads=grads)
+        out[recipe] = {"losses": losses, "all_reduces": dict(ALL_REDUCE_CALLERS), "grads": grads,
+                       "reference": reference(recipe, data, ref_grads), "reference_grads": ref_grads,
+                       "fp8": fp8_buffers(model), "weights": full_weights(model),
                        "placements": str(model.blocks[0].w1.weight.placements),
                        "local_type": type(local).__name__}
     return out
@@ -235,7 +267,7 @@ def scenario_fsdp_tp(rank: int, world: int) -> dict:
 def scenario_dcp(rank: int, world: int, out_dir: str) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     data = batches(6)
-    dp = lambda x, y: (x.chunk(world)[rank], y.chunk(world)[rank], world)  # noqa: E731
+    dp = lambda x, y: (x.chunk(world)[rank], y.chunk(world)[rank], 1)  # noqa: E731
     out: dict = {}
     for recipe in ("delayed", "tensorwise"):
         precompute = fp8train.precompute_float8_dynamic_scale_for_fsdp
