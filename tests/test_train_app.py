@@ -296,14 +296,21 @@ def test_bad_settings_fail_before_training(tmp_path, overrides, rc, words):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_torchrun_two_cpu_ranks(tmp_path, strategy):
+@pytest.mark.parametrize(
+    "strategy,fp8",
+    [("ddp", ["fp8=delayed"]), ("fsdp2", ["fp8=delayed"]),
+     ("fsdp2", ["fp8=tensorwise", "fp8.overrides.enable_fsdp_float8_all_gather=true"])],
+    ids=["ddp", "fsdp2", "fsdp2_fp8_all_gather"],
+)
+def test_torchrun_two_cpu_ranks(tmp_path, strategy, fp8):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN),
-           f"trainer={strategy}", "trainer.accelerator=cpu", "fp8=delayed", f"hydra.run.dir={tmp_path}"] + TINY
+           f"trainer={strategy}", "trainer.accelerator=cpu", *fp8, f"hydra.run.dir={tmp_path}"] + TINY
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("run summary") == 1  # rank zero only
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["world_size"] == 2 and s["steps"] == 3 and s["fp8_layers"] == 14
+    # fp8 all-gather: every converted layer's weight is FSDP2-sharded and travels in fp8
+    assert s["fp8_all_gather_layers"] == (14 if "fp8.overrides.enable_fsdp_float8_all_gather=true" in fp8 else 0)
     assert s["tokens"] == 3 * 2 * 2 * 64 and math.isfinite(s["val_loss"])

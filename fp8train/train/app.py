@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fp8train.config import Float8LinearConfig
 from fp8train.data.datamodule import TokenDataModule
 from fp8train.lightning import Float8Training
+from fp8train.linear import Float8Linear
 from fp8train.models.llama import Llama, LlamaConfig
 from fp8train.train.module import LlamaLightningModule, OptimConfig
 from fp8train.train.summary import RunSummary
@@ -231,6 +232,8 @@ def train(cfg: DictConfig, started: float | None = None) -> RunSummary:
         fp8_layers=len(report.converted) if report is not None else 0,
         fp8_skipped=sorted(report.skipped) if report is not None else [],
         fp8_fallback=sorted(run.fp8_callback.fallback_layers) if run.fp8_callback is not None else [],
+        fp8_all_gather_layers=sum(m.config.enable_fsdp_float8_all_gather for m in module.modules()
+                                  if isinstance(m, Float8Linear)) if module.device_mesh is not None else 0,
         steps=module.global_step,
         tokens=module.global_step * trainer.accumulate_grad_batches * run.datamodule.batch_size
         * run.datamodule.seq_len * trainer.world_size,

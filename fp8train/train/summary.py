@@ -35,6 +35,8 @@ class RunSummary:
     """What a run did, as numbers (units in the field names or below).
 
     Attributes:
+        fp8_all_gather_layers: layers whose weight FSDP2 all-gathers in fp8
+            (``enable_fsdp_float8_all_gather``; 0 without FSDP2).
         tokens_per_s: training tokens per second, all ranks together, measured from the end of
             step 2 (after compilation and warmup) with validation time excluded.
         mfu: model FLOPs utilisation per device, a fraction (``None`` on CPU or an unknown GPU).
@@ -50,6 +52,7 @@ class RunSummary:
     fp8_layers: int
     fp8_skipped: list[str] = field(default_factory=list)
     fp8_fallback: list[str] = field(default_factory=list)
+    fp8_all_gather_layers: int = 0
     steps: int = 0
     tokens: int = 0
     batch_size: int = 0
@@ -79,6 +82,8 @@ class RunSummary:
                 fp8 += f", {len(self.fp8_skipped)} kept in high precision ({_short(self.fp8_skipped)})"
             if self.fp8_fallback:
                 fp8 += f", {len(self.fp8_fallback)} fell back ({_short(self.fp8_fallback)})"
+            if self.fp8_all_gather_layers:
+                fp8 += f", {self.fp8_all_gather_layers} weights all-gathered in fp8"
         mfu = _pct(self.mfu)
         mem = "n/a (CPU)" if self.peak_mem_gib is None and self.device == "cpu" else _num(self.peak_mem_gib, ".2f")
         rows = [

@@ -1,11 +1,12 @@
 """Float8Training under Lightning's ModelParallelStrategy: ``configure_model`` converts, applies tensor
 parallelism (fp8train.tp styles) and FSDP2 (fp8 all-gather), on CPU ranks (gloo).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=4 lightning_model_parallel.py RECIPE DP TP OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node=4 lightning_model_parallel.py RECIPES DP TP OUT_DIR
 
-Three fits per rank: 2 epochs uninterrupted; 1 epoch (sharded checkpoint saved); a fresh module
-resumed from that checkpoint for the 2nd epoch. Each rank writes ``OUT_DIR/rank{r}.pt`` with the
-losses and fp8 state of each fit; ``tests/test_distributed.py`` compares them.
+For each recipe (comma-separated), three fits: 2 epochs uninterrupted; 1 epoch (sharded checkpoint
+saved); a fresh module resumed from that checkpoint for the 2nd epoch. Each rank writes
+``OUT_DIR/rank{r}.pt`` with the losses and states of each fit; ``tests/test_distributed.py``
+compares them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from distributed_fp8 import Model, tp_plan  # noqa: E402
 
 from fp8train import Float8LinearConfig  # noqa: E402
-from fp8train.fsdp import Float8AllGatherWeight  # noqa: E402
+from fp8train.fsdp import _STEPS, Float8AllGatherWeight  # noqa: E402
 from fp8train.lightning import Float8Training  # noqa: E402
 
 STEPS_PER_EPOCH = 3
@@ -89,7 +90,7 @@ def loader() -> DataLoader:
 
 
 def fit(root: str, recipe: str, dp: int, tp: int, epochs: int, ckpt_path: str | None = None, seed: int = 0):
-    config = Float8LinearConfig.from_recipe_name(recipe, enable_fsdp_float8_all_gather=os.environ.get("AG", "1") == "1")
+    config = Float8LinearConfig.from_recipe_name(recipe, enable_fsdp_float8_all_gather=True)
     module = ShardedModule(seed)
     start = AtTrainStart()
     trainer = L.Trainer(
@@ -99,19 +100,25 @@ def fit(root: str, recipe: str, dp: int, tp: int, epochs: int, ckpt_path: str | 
         use_distributed_sampler=True,
     )
     trainer.fit(module, loader(), ckpt_path=ckpt_path)
-    wrapped = isinstance(module.model.blocks[0].w1.weight.to_local(), Float8AllGatherWeight)
-    return {"losses": module.losses, "state": full_state(module), "start": start.state, "wrapped": wrapped}
+    local = module.model.blocks[0].w1.weight._local_tensor  # the object FSDP2 calls (to_local() is a view)
+    wrapped = isinstance(local, Float8AllGatherWeight)
+    # the callback's precompute after the last optimizer step left a scale the next all-gather would use
+    ready = wrapped and local._precomputed_scale is not None and local._precomputed_at == (_STEPS.count, local._version)
+    return {"losses": module.losses, "state": full_state(module), "start": start.state, "wrapped": wrapped,
+            "precomputed_scale_ready": ready}
 
 
-def main(recipe: str, dp: int, tp: int, out_dir: str) -> None:
+def main(recipes: str, dp: int, tp: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    full = fit(os.path.join(out_dir, "full"), recipe, dp, tp, epochs=2)
-    first = fit(os.path.join(out_dir, "first"), recipe, dp, tp, epochs=1)
-    (path,) = glob.glob(os.path.join(out_dir, "first", "ckpt", "*.ckpt"))
-    resumed = fit(os.path.join(out_dir, "resumed"), recipe, dp, tp, epochs=2, ckpt_path=path, seed=123)
-    rank = torch.distributed.get_rank()
-    torch.save({"full": full, "first": first, "resumed": resumed, "sharded_checkpoint": os.path.isdir(path)},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    out = {}
+    for recipe in recipes.split(","):
+        root = os.path.join(out_dir, recipe)
+        full = fit(os.path.join(root, "full"), recipe, dp, tp, epochs=2)
+        first = fit(os.path.join(root, "first"), recipe, dp, tp, epochs=1)
+        (path,) = glob.glob(os.path.join(root, "first", "ckpt", "*.ckpt"))
+        resumed = fit(os.path.join(root, "resumed"), recipe, dp, tp, epochs=2, ckpt_path=path, seed=123)
+        out[recipe] = {"full": full, "first": first, "resumed": resumed, "sharded_checkpoint": os.path.isdir(path)}
+    torch.save(out, os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.pt"))
 
 
 if __name__ == "__main__":
