@@ -17,6 +17,7 @@ import datetime
 import json
 import subprocess
 import time
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,49 @@ import torch.nn.functional as F
 import fp8train
 from fp8train.models.llama import Llama, LlamaConfig
 from fp8train.perf import flops_per_token, mfu, peak_flops
+
+
+def timed_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int, cuda: bool = True) -> dict[str, float]:
+    """Run ``warmup`` untimed steps (compilation included), then time ``steps`` steps with CUDA
+    events (``cuda=False``: wall clock, for CPU smoke runs).
+
+    Returns ``ms_per_step``, ``warmup_s`` (wall seconds of the warm-up) and ``final_loss``.
+    """
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = step()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if not cuda:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        return {"ms_per_step": (time.perf_counter() - t0) * 1000 / steps, "warmup_s": warmup_s, "final_loss": float(loss)}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        loss = step()
+    end.record()
+    sync()
+    return {"ms_per_step": start.elapsed_time(end) / steps, "warmup_s": warmup_s, "final_loss": float(loss)}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def print_table(title: str, results: dict[str, dict[str, Any]], base: str = "bf16") -> None:
+    """``case  tok/s  speedup  MFU  peak GiB`` rows; speedup is relative to the ``base`` case."""
+    ref = results[base]["tokens_per_s"] if base in results else float("nan")
+    print(f"\n{title}")
+    print(f"{'case':>20} {'tok/s':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9}")
+    for name, r in results.items():
+        print(f"{name:>20} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / ref:7.2f}x "
+              f"{r['mfu_bf16_peak']:6.3f} {r['peak_mem_gib']:9.1f}")
 
 
 def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, steps: int) -> dict[str, float]:
@@ -51,27 +95,16 @@ def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, ste
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        loss = step()
-    torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        loss = step()
-    end.record()
-    torch.cuda.synchronize()
-    sec_per_step = start.elapsed_time(end) / 1000 / steps
-    tps = batch * seq / sec_per_step
+    timing = timed_steps(step, warmup, steps)
+    tps = batch * seq / (timing["ms_per_step"] / 1000)
     peak = peak_flops(torch.device("cuda"), fp8=False)
     result = {
         "tokens_per_s": tps,
-        "ms_per_step": sec_per_step * 1000,
+        "ms_per_step": timing["ms_per_step"],
         "mfu_bf16_peak": mfu(tps, flops_per_token(cfg, seq), peak) if peak else float("nan"),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "final_loss": float(loss),
-        "warmup_s": warmup_s,
+        "final_loss": timing["final_loss"],
+        "warmup_s": timing["warmup_s"],
     }
     del model, compiled, opt
     return result
@@ -96,20 +129,12 @@ def main() -> None:
         r = results[name]
         print(f"{name}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step, MFU {r['mfu_bf16_peak']:.3f}, "
               f"peak {r['peak_mem_gib']:.1f} GiB, loss {r['final_loss']:.3f}, warmup {r['warmup_s']:.0f}s", flush=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-            "commit": commit, "model": args.model, "batch": args.batch, "seq": args.seq}
+            "commit": git_commit(), "model": args.model, "batch": args.batch, "seq": args.seq}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
-    base = results["bf16"]
-    print(f"\n{args.model} batch {args.batch} x seq {args.seq}, AdamW, compiled ({meta['device']}, torch {meta['torch']}, {meta['date']})")
-    print(f"{'case':>20} {'tok/s':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9}")
-    for name, r in results.items():
-        print(f"{name:>20} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / base['tokens_per_s']:7.2f}x "
-              f"{r['mfu_bf16_peak']:6.3f} {r['peak_mem_gib']:9.1f}")
+    print_table(f"{args.model} batch {args.batch} x seq {args.seq}, AdamW, compiled ({meta['device']}, "
+                f"torch {meta['torch']}, {meta['date']})", results)
 
 
 if __name__ == "__main__":

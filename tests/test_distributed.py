@@ -21,6 +21,7 @@ Measured on torch 2.13 CPU, 4 AdamW steps at lr 1e-2 (tolerances below leave ~2x
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -177,3 +178,27 @@ def test_lightning_model_parallel_tp_x_fsdp_resumes_from_sharded_checkpoint_iden
         # tensor-parallel peers (ranks 0/1 and 2/3) see the same data and agree on everything
         assert _same_state(ranks[0][recipe]["full"]["state"], ranks[1][recipe]["full"]["state"])
         assert ranks[2][recipe]["full"]["losses"] == ranks[3][recipe]["full"]["losses"]
+
+
+@pytest.mark.slow
+def test_bench_fsdp_script_runs_on_two_cpu_ranks(tmp_path):
+    # the GPU benchmark's code path end to end (meta init, convert, fully_shard, materialise, AdamW,
+    # delayed sync, fp8 all-gather precompute) with a tiny model; its numbers mean nothing on CPU
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_fsdp.py")
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, "--cpu",
+           "--model", "llama_tiny", "--seq", "64", "--batch", "2", "--warmup", "1", "--steps", "2", "--no-compile",
+           "--cases", "bf16", "tensorwise+ag", "delayed+ag", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["world_size"] == 2 and list(report["results"]) == ["bf16", "tensorwise+ag", "delayed+ag"]
+    losses = [r["final_loss"] for r in report["results"].values()]
+    assert max(losses) - min(losses) < 0.05 * losses[0]  # same model and data: fp8 trains like bf16
+    assert "tensorwise+ag" in proc.stdout and "speedup" in proc.stdout
+
+    bad = subprocess.run([sys.executable, script, "--cpu", "--cases", "rowwise+ag"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "enable_fsdp_float8_all_gather" in bad.stderr, bad.stderr[-2000:]
