@@ -136,6 +136,9 @@ def test_two_d_mesh_tensor_parallel_times_fsdp2_with_fp8_all_gather(tmp_path):
     # dynamic: one fused precompute per step and no per-layer fallback; it all-reduces once per mesh
     # dim: twice for the blocks' 2-D weights, once for the head (FSDP only, on the dp mesh)
     assert ranks[0]["tensorwise"]["all_reduces"] == {"precompute_float8_dynamic_scale_for_fsdp": 3 * 4}
+    # delayed, synced over the 2-D DeviceMesh: one all-reduce per mesh dim and step (scales identical on
+    # all 4 ranks, checked above); before the first sync each all-gather reduces its own amax
+    assert ranks[0]["delayed"]["all_reduces"] == {"_sync_group": 2 * 4, "_weight_scale": 9}
 
 
 @pytest.mark.slow

@@ -131,3 +131,70 @@ def test_fallback_layer_runs_a_pre_cast_weight_in_high_precision():
     x = torch.randn(8, 32)
     out = lin(x)
     assert torch.equal(out, x @ lin.weight.dequantize().t())
+
+
+class _FakeMesh:
+    """Stands in for FSDP2's shard mesh; any collective fails the test."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+    def get_group(self):
+        raise AssertionError("a collective was attempted")
+
+
+def test_pre_all_gather_pads_uneven_shards_and_post_all_gather_rebuilds_the_weight():
+    cfg = Float8LinearConfig.from_recipe_name("delayed", enable_fsdp_float8_all_gather=True)
+    lin = Float8Linear(32, 40, bias=False, config=cfg)  # 40 rows over 3 ranks: shards of 14, 14, 12 rows
+    lin.is_amax_initialized = True
+    lin.fp8_scale_weight.fill_(64.0)
+    w = lin.weight._tensor.detach()
+    bytes_, meta = [], None
+    for rows in (slice(0, 14), slice(14, 28), slice(28, 40)):
+        (data,), meta = Float8AllGatherWeight(w[rows]).fsdp_pre_all_gather(_FakeMesh(3), w.shape, w.stride(), lin, None)
+        assert data.dtype == torch.uint8 and data.shape == (14, 32)  # FSDP2's padded shard size
+        bytes_.append(data)
+    expected = saturated_cast(w, torch.tensor(64.0), torch.float8_e4m3fn)
+    assert torch.equal(bytes_[2][:12], expected[28:].view(torch.uint8))
+    assert not bytes_[2][12:].any()  # zero padding
+    assert lin.fp8_amax_weight == w.abs().max()  # the shards' amax was recorded (training mode)
+
+    gathered = torch.cat(bytes_)  # what the all-gather returns: [3 * 14, 32] uint8
+    f8, inner = Float8AllGatherWeight(w[:14]).fsdp_post_all_gather((gathered,), meta, torch.bfloat16)
+    assert isinstance(f8, Float8Tensor) and f8.dtype == torch.bfloat16 and inner[0].dtype == torch.float8_e4m3fn
+    weight = torch.as_strided(f8, w.shape, w.stride(), 0)  # FSDP2 drops the padding this way
+    assert torch.equal(weight._data, expected) and weight._scale == 64.0
+    # later all-gathers write into the same buffer; only the scale is replaced
+    assert Float8AllGatherWeight(w[:14]).fsdp_post_all_gather(
+        (gathered,), (torch.tensor(32.0),) + meta[1:], torch.bfloat16, out=weight) is None
+    assert weight._scale == 32.0
+
+
+def test_precomputed_scale_is_used_until_an_optimizer_step_or_an_in_place_edit():
+    from fp8train.fsdp import _STEPS
+
+    cfg = Float8LinearConfig(enable_fsdp_float8_all_gather=True)
+    lin = Float8Linear(32, 32, bias=False, config=cfg)
+    shard = lin.weight  # the wrapper FSDP2 would hold as the DTensor's local tensor
+
+    def precompute() -> None:  # what precompute_float8_dynamic_scale_for_fsdp stores
+        shard._precomputed_scale = torch.tensor(8.0)
+        shard._precomputed_at = (_STEPS.count, shard._version)
+
+    def gather_scale() -> torch.Tensor:
+        return shard.fsdp_pre_all_gather(_FakeMesh(2), shard.shape, shard.stride(), lin, None)[1][0]
+
+    precompute()
+    assert gather_scale() == 8.0 and gather_scale() == 8.0  # forward and backward all-gathers: no collective
+    lin.weight.grad = torch.ones_like(shard._tensor)
+    torch.optim.SGD([lin.weight], lr=0.1).step()  # the weight changed: the scale is stale
+    with pytest.raises(AssertionError, match="collective"):
+        gather_scale()
+    precompute()
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # an in-place edit outside an optimizer
+    with pytest.raises(AssertionError, match="collective"):
+        gather_scale()

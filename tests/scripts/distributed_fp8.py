@@ -103,7 +103,7 @@ def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train(model: nn.Module, data: list, step_inputs, after_step=None, optimizer=None,
-          sum_plain_grads: bool = False, first_grads: dict | None = None) -> list[float]:
+          sum_plain_grads: bool = False, first_grads: dict | None = None, sync_group=None) -> list[float]:
     """AdamW steps; ``step_inputs(x, y) -> (x_local, y_local, loss_divisor)``; returns global losses
     (the mean over ranks of each rank's loss: every rank's share of the batch is the same size).
     ``loss_divisor`` is the number of ranks whose gradients add up (sequence parallelism); FSDP2
@@ -111,7 +111,8 @@ def train(model: nn.Module, data: list, step_inputs, after_step=None, optimizer=
 
     ``sum_plain_grads``: all-reduce the gradients of non-DTensor parameters (sequence parallelism:
     each rank's norm and head saw only its slice of the sequence). ``first_grads`` receives the
-    gradients of the first step (whole tensors)."""
+    gradients of the first step (whole tensors). ``sync_group``: delayed scaling's reduction group
+    (default: the world)."""
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
     for x, y in data:
@@ -124,7 +125,7 @@ def train(model: nn.Module, data: list, step_inputs, after_step=None, optimizer=
                     _all_reduce(p.grad)
         if first_grads is not None and not first_grads:
             first_grads.update(full_grads(model))
-        fp8train.sync_float8_amax_and_scale_history(model)
+        fp8train.sync_float8_amax_and_scale_history(model, process_group=sync_group)
         opt.step()
         opt.zero_grad()
         if after_step is not None:
@@ -255,7 +256,8 @@ def scenario_fsdp_tp(rank: int, world: int) -> dict:
         ALL_REDUCE_CALLERS.clear()
         grads: dict = {}
         ref_grads: dict = {}
-        losses = train(model, data, inputs, fp8train.precompute_float8_dynamic_scale_for_fsdp, first_grads=grads)
+        losses = train(model, data, inputs, fp8train.precompute_float8_dynamic_scale_for_fsdp, first_grads=grads,
+                       sync_group=mesh)  # delayed: amax MAX over the whole 2-D mesh, one all-reduce per dim
         out[recipe] = {"losses": losses, "all_reduces": dict(ALL_REDUCE_CALLERS), "grads": grads,
                        "reference": reference(recipe, data, ref_grads), "reference_grads": ref_grads,
                        "fp8": fp8_buffers(model), "weights": full_weights(model),
