@@ -28,7 +28,9 @@ group mixes dtypes; the bytes are the same.
 
 ``state_dict()`` holds plain tensors (or DTensors of plain tensors); loading copies into the
 wrapped weight in place. Not supported: ``reshard_after_forward=<int>`` (FSDP2 has no extension
-path for a smaller post-forward mesh), axiswise weight casts (rejected by the config).
+path for a smaller post-forward mesh), axiswise weight casts (rejected by the config). A recipe
+whose grad_input GEMM casts the weight differently (``cast_config_weight_for_grad_input``) re-casts
+it from the gathered fp8 copy: the weight is rounded twice for that GEMM.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class Float8AllGatherWeight(torch.Tensor):
             return tree_map_only(torch.Tensor, cls, out)
         return out
 
-    # --- FSDP2 all-gather extension (signatures of torch 2.5 - 2.14) --------------------------------
+    # --- FSDP2 all-gather extension (the 5-argument pre-all-gather of torch 2.5+, checked in 2.13 and main) ---
     def fsdp_pre_all_gather(
         self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: nn.Module, mp_policy: Any
     ) -> tuple[tuple[torch.Tensor, ...], Any]:
