@@ -108,7 +108,9 @@ class Float8AllGatherWeight(torch.Tensor):
         return ["_tensor"], None
 
     @staticmethod
-    def __tensor_unflatten__(inner: dict[str, torch.Tensor], ctx: Any, outer_size: Any, outer_stride: Any) -> "Float8AllGatherWeight":
+    def __tensor_unflatten__(
+        inner: dict[str, torch.Tensor], ctx: Any, outer_size: Any, outer_stride: Any
+    ) -> "Float8AllGatherWeight":
         return Float8AllGatherWeight(inner["_tensor"])
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -163,7 +165,9 @@ class Float8AllGatherWeight(torch.Tensor):
             # scale is new. ``out`` is a DTensor on the TP mesh for 2-D (TP x FSDP) parameters.
             local = _local(out)
             if not isinstance(local, Float8Tensor):
-                raise TypeError(f"fsdp_post_all_gather: expected the Float8Tensor from the first all-gather, got {type(local)}")
+                raise TypeError(
+                    f"fsdp_post_all_gather: expected the Float8Tensor of the first all-gather, got {type(local)}"
+                )
             local._scale = scale
             return None
         return Float8Tensor(data, scale, param_dtype, mm_config, GemmInputRole.WEIGHT), (data,)

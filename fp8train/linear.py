@@ -27,10 +27,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from fp8train.config import CastConfig, Float8LinearConfig, GemmInputRole, LinearMMConfig, ScaledMMConfig, ScalingType
 from torch.distributed.tensor import DTensor
 
+from fp8train.config import CastConfig, Float8LinearConfig, GemmInputRole, LinearMMConfig, ScaledMMConfig, ScalingType
 from fp8train.delayed import record_amax, register_delayed_buffers
 from fp8train.fsdp import enable_float8_all_gather
 from fp8train.ops import Fp8Operand, scaled_mm_operands
@@ -108,6 +107,11 @@ def _hp(t: torch.Tensor, t8: Operand) -> torch.Tensor:
     return t8.dequantize(t.dtype) if isinstance(t, Float8Tensor) else t
 
 
+def _link(t: torch.Tensor) -> torch.Tensor:
+    """An exact zero that depends on ``t`` (see ``_LINK_INPUTS_TO_OUTPUT``); fp8 data cannot be multiplied."""
+    return (t._scale if isinstance(t, Float8Tensor) else t).reshape(-1)[:1] * 0
+
+
 def _reusable(forward_cfg: CastConfig, backward_cfg: CastConfig) -> bool:
     """Can the forward's fp8 operand serve the backward GEMM as is?"""
     return forward_cfg.enabled and forward_cfg == backward_cfg and not forward_cfg.axiswise
@@ -129,7 +133,10 @@ class _Float8LinearFn(torch.autograd.Function):
         amax_x, amax_w, amax_go, scale_x, scale_w, scale_go = delayed or (None,) * 6
 
         # GEMM 1: output = input @ weight.T      [M,K] @ [K,N] -> [M,N]
-        x8 = _given(x) if isinstance(x, Float8Tensor) else _cast(x, cfg.cast_config_input, INPUT, -1, plan, scale_x, amax_x)
+        if isinstance(x, Float8Tensor):
+            x8 = _given(x)
+        else:
+            x8 = _cast(x, cfg.cast_config_input, INPUT, -1, plan, scale_x, amax_x)
         if isinstance(weight, Float8Tensor):
             w8 = _given(weight)
         elif plan.weight_cache == "reuse":  # a later micro-batch: the weight has not changed since "fill"
@@ -186,10 +193,6 @@ class _Float8LinearFn(torch.autograd.Function):
             x_gw = x_keep if isinstance(x_keep, Fp8Operand) else _cast(x_keep, cfg.input_for_grad_weight, INPUT, 0, plan)
             grad_w = _gemm(go_gw.t(), x_gw, plan.mm.grad_weight, w_dtype, plan.compute_dtype)
         return (grad_x, grad_w, None) + (None,) * ctx.n_state
-
-
-def _link(t: torch.Tensor) -> torch.Tensor:
-    return (t._scale if isinstance(t, Float8Tensor) else t).reshape(-1)[:1] * 0
 
 
 class Float8Linear(nn.Linear):
