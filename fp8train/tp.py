@@ -103,8 +103,16 @@ def sharded_forward(module: nn.Module, input: torch.Tensor, forward: LocalForwar
             x = x.redistribute(placements=[need])
         x = x.to_local(grad_placements=[grad])
     localize_fp8_buffers(module)
-    out = DTensor.from_local(forward(x, weight.to_local(), None), mesh, [out_p], run_check=False)
+    out = forward(x, weight.to_local(), None)
+    # the global shape, given rather than inferred (a TP shard of N may be uneven): the input's
+    # leading dims (global for a DTensor input) and the weight's N
+    shape = torch.Size((*input.shape[:-1], weight.shape[0]))
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    out = DTensor.from_local(out, mesh, [out_p], run_check=False, shape=shape, stride=tuple(strides))
     bias = getattr(module, "bias", None)
+    # DTensor adds the bias: colwise shard to shard; to a Partial output (rowwise) after reducing it
     return out if bias is None else out + bias
 
 
