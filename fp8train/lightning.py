@@ -149,6 +149,9 @@ class Float8Training(Callback):
         cache_weight_casts: with ``accumulate_grad_batches > 1``, cast each weight to fp8 once per
             optimizer step and reuse it for the later micro-batches (tensorwise weight recipes; costs
             ``out_features x in_features`` bytes per layer). See ``fp8train.set_weight_cast_cache``.
+        auto_filter: keep linears too small for fp8 to pay in high precision (a cost model of the
+            GPU; ``fp8train.costmodel``); the conversion table names each with its predicted
+            speedup. ``None`` (default): on when the trainer runs on CUDA without ``emulate``.
 
     Raises:
         ValueError: at construction, for an unknown recipe name or any invalid argument (the
@@ -174,6 +177,7 @@ class Float8Training(Callback):
         on_divergence: str = "warn",
         guard_every_n_steps: int | None = None,
         cache_weight_casts: bool = True,
+        auto_filter: bool | None = None,
     ) -> None:
         if isinstance(config, str):
             if config not in recipe_names():
@@ -207,10 +211,13 @@ class Float8Training(Callback):
             raise ValueError(
                 f"Float8Training(guard_every_n_steps={guard_every_n_steps!r}) is invalid; valid: an int >= 0 or None"
             )
+        if auto_filter is not None and not isinstance(auto_filter, bool):
+            raise ValueError(f"Float8Training(auto_filter={auto_filter!r}) is invalid; valid: True, False or None (auto)")
         if not isinstance(cache_weight_casts, bool):
             raise ValueError(f"Float8Training(cache_weight_casts={cache_weight_casts!r}) is invalid; valid: True or False")
         self.config = config
         self.cache_weight_casts = cache_weight_casts
+        self.auto_filter = auto_filter
         self.stats = stats
         self.saturation_bound = None if saturation_bound is None else float(saturation_bound)
         self.on_divergence = on_divergence
@@ -311,8 +318,13 @@ class Float8Training(Callback):
 
     def _convert(self, pl_module: LightningModule) -> None:
         """Swap the linears that are not converted yet (idempotent), then re-index the layers."""
+        auto = self.auto_filter
+        if auto is None:
+            trainer = getattr(pl_module, "_trainer", None)
+            on_cuda = trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
+            auto = on_cuda and not self.config.emulate
         with _float32_default_dtype():
-            convert_to_float8_training(pl_module, config=self.config, module_filter_fn=self._keep)
+            convert_to_float8_training(pl_module, config=self.config, module_filter_fn=self._keep, auto_filter=auto)
         report = conversion_report(pl_module)
         if report is not None:
             self._converted_here.update(report.converted)

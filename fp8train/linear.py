@@ -79,6 +79,12 @@ def _cast(
             return Fp8Operand(saturated_cast(t, scale, cfg.target_dtype), scale)
     dim = reduce_dim % t.dim() if cfg.axiswise else None
     s = amax_to_scale(tensor_amax(t, dim), cfg.target_dtype, pow2)
+    if dim == 0 and t.dim() == 2:
+        # Reduced along the token dim M: the grad_weight GEMM wants this operand M-major. Cast the
+        # transpose straight into that layout (one fused pass under inductor) instead of casting
+        # row-major and copying the fp8 tensor into the transposed layout afterwards.
+        data_t = saturated_cast(t.t(), s.t(), cfg.target_dtype).contiguous()
+        return Fp8Operand(data_t.t(), s)
     return Fp8Operand(saturated_cast(t, s, cfg.target_dtype), s)
 
 
@@ -170,6 +176,18 @@ class _Float8LinearFn(torch.autograd.Function):
         return (grad_x, grad_w, None) + (None,) * ctx.n_state
 
 
+def _in_backward_recompute() -> bool:
+    """True while activation checkpointing re-runs this forward inside backward.
+
+    The recompute sees the same operands as the original forward, whose amax is recorded
+    already; recording it again would be redundant work. (Under torch.compile the partitioner
+    recomputes without re-running buffer mutations, so only eager needs this.)
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 class Float8Linear(nn.Linear):
     """Drop-in ``nn.Linear`` (same parameters and state_dict keys) that trains with fp8 GEMMs.
 
@@ -236,7 +254,7 @@ class Float8Linear(nn.Linear):
             use_stored_scales=bool(getattr(self, "is_amax_initialized", False)),
             need_grad_input=input.requires_grad,
             need_grad_weight=self.weight.requires_grad,
-            record_amax=self.training,
+            record_amax=self.training and not _in_backward_recompute(),
             weight_cache=self.weight_cast_cache if self.training else "off",
         )
         x = input.reshape(-1, self.in_features).to(compute_dtype)

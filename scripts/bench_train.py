@@ -2,7 +2,8 @@
 
     python scripts/bench_train.py [--model llama_1b] [--batch 8] [--seq 2048] [--recipes tensorwise delayed]
 
-Each case builds the model from the same seed, converts it (every linear but ``lm_head``; bf16 runs
+Each case builds the model from the same seed, converts it (every linear but ``lm_head`` that the
+auto filter keeps, as a user gets by default; ``<recipe>+all`` converts them all; bf16 runs
 unconverted), compiles it, and runs AdamW steps under bf16 autocast on random tokens. After
 ``--warmup`` steps (compilation included) it times ``--steps`` steps with CUDA events and reports
 tokens/s, MFU (model FLOPs from ``fp8train.perf``; the peak is the bf16 dense peak for every case so
@@ -22,19 +23,28 @@ import torch
 import torch.nn.functional as F
 
 import fp8train
+from fp8train.costmodel import for_current_device
 from fp8train.models.llama import Llama, LlamaConfig
 from fp8train.perf import flops_per_token, mfu, peak_flops
 
 
 def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, steps: int) -> dict[str, float]:
+    """One case: ``bf16``, a recipe name (auto filter on, the default on CUDA), or ``<recipe>+all``
+    (every linear but ``lm_head`` converted, auto filter off)."""
+    recipe, _, variant = name.partition("+")
+    cost_model = for_current_device()
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model = Llama(cfg).cuda()
-    if name != "bf16":
-        fp8train.convert_to_float8_training(model, config=name, module_filter_fn=lambda m, fqn: fqn != "lm_head")
-    delayed = name != "bf16" and fp8train.Float8LinearConfig.from_recipe_name(name).has_delayed
+    n_fp8 = 0
+    if recipe != "bf16":
+        auto = False if variant == "all" else cost_model.replace(tokens=batch * seq)
+        fp8train.convert_to_float8_training(model, config=recipe, module_filter_fn=lambda m, fqn: fqn != "lm_head",
+                                            auto_filter=auto)
+        n_fp8 = len(fp8train.conversion_report(model).converted)
+    delayed = recipe != "bf16" and fp8train.Float8LinearConfig.from_recipe_name(recipe).has_delayed
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     compiled = torch.compile(model)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
@@ -72,6 +82,7 @@ def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, ste
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "final_loss": float(loss),
         "warmup_s": warmup_s,
+        "fp8_layers": n_fp8,
     }
     del model, compiled, opt
     return result
@@ -82,7 +93,9 @@ def main() -> None:
     p.add_argument("--model", default="llama_1b", choices=LlamaConfig.names())
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--recipes", nargs="+", default=["tensorwise", "delayed", "rowwise"], choices=fp8train.recipe_names())
+    cases = fp8train.recipe_names() + [f"{r}+all" for r in fp8train.recipe_names()]
+    p.add_argument("--recipes", nargs="+", default=["tensorwise", "delayed", "rowwise"], choices=cases,
+                   help="recipe (auto filter on, as by default on CUDA) or recipe+all (every linear but lm_head)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="bench_train.json")
@@ -106,10 +119,10 @@ def main() -> None:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     base = results["bf16"]
     print(f"\n{args.model} batch {args.batch} x seq {args.seq}, AdamW, compiled ({meta['device']}, torch {meta['torch']}, {meta['date']})")
-    print(f"{'case':>20} {'tok/s':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9}")
+    print(f"{'case':>20} {'tok/s':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9} {'fp8 layers':>10}")
     for name, r in results.items():
         print(f"{name:>20} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / base['tokens_per_s']:7.2f}x "
-              f"{r['mfu_bf16_peak']:6.3f} {r['peak_mem_gib']:9.1f}")
+              f"{r['mfu_bf16_peak']:6.3f} {r['peak_mem_gib']:9.1f} {r['fp8_layers']:10d}")
 
 
 if __name__ == "__main__":

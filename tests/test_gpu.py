@@ -24,7 +24,7 @@ def test_cuda_three_gemms_vs_fp32(recipe):
     _needs_fp8()
     torch.manual_seed(0)
     ref = nn.Linear(1024, 2048, device="cuda")
-    f8 = fp8train.convert_to_float8_training(copy.deepcopy(ref), config=recipe)
+    f8 = fp8train.convert_to_float8_training(copy.deepcopy(ref), config=recipe, auto_filter=False)
     x = torch.randn(4, 512, 1024, device="cuda")
     go = torch.randn(4, 512, 2048, device="cuda")
     if f8.config.has_delayed:
@@ -51,7 +51,7 @@ def test_cuda_real_matches_emulated(recipe):
     _needs_fp8()
     torch.manual_seed(0)
     base = nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16)
-    real = fp8train.convert_to_float8_training(copy.deepcopy(base), config=recipe)
+    real = fp8train.convert_to_float8_training(copy.deepcopy(base), config=recipe, auto_filter=False)
     emu = fp8train.convert_to_float8_training(
         copy.deepcopy(base), config=Float8LinearConfig.from_recipe_name(recipe, emulate=True))
     x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
@@ -62,7 +62,7 @@ def test_cuda_real_matches_emulated(recipe):
 def test_cuda_odd_token_count(pad):
     _needs_fp8()
     f8 = fp8train.convert_to_float8_training(nn.Linear(256, 128, device="cuda"),
-                                             config=Float8LinearConfig(pad_inner_dim=pad))
+                                             config=Float8LinearConfig(pad_inner_dim=pad), auto_filter=False)
     x = torch.randn(3, 7, 256, device="cuda", requires_grad=True)  # M = 21 tokens
     with torch.autocast("cuda", dtype=torch.bfloat16):
         f8(x).sum().backward()
@@ -83,7 +83,7 @@ def test_cuda_compile_fullgraph(recipe):
     _needs_fp8()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 512)).cuda()
-    model = fp8train.convert_to_float8_training(model, config=recipe)
+    model = fp8train.convert_to_float8_training(model, config=recipe, auto_filter=False)
     eager = copy.deepcopy(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
@@ -97,3 +97,11 @@ def test_cuda_compile_fullgraph(recipe):
         # fp8 re-rounding of a few elements after inductor reorders fp32 math: measured 29.8 dB (rowwise)
         assert sqnr(compiled(x), eager(x)) > 25
     assert sqnr(model[0].weight.grad, eager[0].weight.grad) > 25
+
+
+def test_cuda_auto_filter_is_on_by_default():
+    _needs_fp8()
+    m = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 8192), nn.Linear(8192, 8192)).cuda()
+    m = fp8train.convert_to_float8_training(m, config="tensorwise")
+    report = fp8train.conversion_report(m)
+    assert "auto filter" in report.skipped["0"] and "2" in report.converted

@@ -191,6 +191,28 @@ def test_state_survives_activation_checkpointing():
     torch.testing.assert_close(a[0].weight.grad, b[0].weight.grad)
 
 
+def test_activation_checkpointing_recompute_records_no_amax(monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+
+    import fp8train.linear as lin
+
+    torch.manual_seed(0)
+    m = fp8train.convert_to_float8_training(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)),
+                                            config="delayed")
+    x = torch.randn(16, 32, requires_grad=True)
+    m(x).sum().backward()
+    fp8train.sync_float8_amax_and_scale_history(m)  # stored scales from now on
+    calls = []
+    real = lin.record_amax
+    monkeypatch.setattr(lin, "record_amax", lambda buf, t: (calls.append(tuple(t.shape)), real(buf, t)))
+    m(x).sum().backward()
+    plain = len(calls)
+    calls.clear()
+    checkpoint(m, x, use_reentrant=False).sum().backward()
+    # input, weight and grad_output of 2 layers: 6 records, none repeated by the recompute
+    assert plain == 6 and len(calls) == 6
+
+
 def test_disabled_layer_runs_high_precision():
     torch.manual_seed(0)
     lin = nn.Linear(32, 16)
