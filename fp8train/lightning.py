@@ -142,6 +142,9 @@ class Float8Training(Callback):
         saturation_bound: fraction of an operand's elements saturated at the fp8 max above which
             the guard fires (``None``: check non-finite amax only). Small batches make the
             first steps of delayed scaling noisy (one batch's amax outgrows a one-entry history).
+            MX operands are not checked: the OCP scale rule clamps by design, whatever the step
+            (~10% of the weight of an ``nn.Linear(64, n)`` at init), so it is no sign of
+            divergence; their saturation is in the metrics.
         on_divergence: what the guard does when an operand's amax is non-finite or its saturation
             passes ``saturation_bound``: ``"warn"`` (name the layer and role in a warning, once
             per operand and kind, and in the metrics), ``"fallback"`` (also run that layer in high
@@ -668,7 +671,8 @@ class Float8Training(Callback):
                                    f"skipped them)"))
                 elif bad_amax == 1.0:
                     events.append((name, role, "nonfinite", "amax is NaN/inf"))
-                elif self.saturation_bound is not None and not math.isnan(sat) and sat > self.saturation_bound:
+                elif (self.saturation_bound is not None and not math.isnan(sat) and sat > self.saturation_bound
+                      and not operand_cast_config(self._layers[i], role).mx):
                     events.append((name, role, "saturation",
                                    f"{sat:.2%} of elements saturated at the fp8 max "
                                    f"(saturation_bound={self.saturation_bound:.2%})"))

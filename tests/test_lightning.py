@@ -166,6 +166,35 @@ def test_stats_modes(tmp_path, stats):
         assert "fp8/model/underflow_max" in fp8
 
 
+@pytest.mark.parametrize("stats", ["summary", "detailed"])
+def test_mxfp8_stats_report_payload_diagnostics(tmp_path, stats, info_log):
+    from fp8train import diagnostics
+    from fp8train.metrics import mx_payload
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    cb = Float8Training("mxfp8", stats=stats, on_divergence="raise")
+    trainer = make_trainer(tmp_path, [cb], logger=CSVLogger(str(tmp_path)), max_steps=2)
+    trainer.fit(model, loader())  # no raise: MX clamping is not divergence
+    rows = [r for r in read_csv(tmp_path) if r.get("fp8/model/divergence_events")]
+    keys = {k for r in rows for k, v in r.items() if v}
+    assert "runs its MX GEMMs on cpu emulated" in "\n".join(info_log)
+    # wasted bits of the MX payload: the mean over blocks, as fp8train.diagnostics measures it; the
+    # last logged value is of the weights after the last optimizer step, i.e. the final weights
+    layer = model.net[0]
+    want = float(diagnostics.wasted_bits(mx_payload(layer.weight.detach(), layer.config.cast_config_weight)))
+    assert float(rows[-1]["fp8/net.0/weight/wasted_bits"]) == pytest.approx(want, abs=1e-5)
+    assert not any(k.endswith("/scale") for k in keys)  # one scale per block: no single scale to log
+    if stats == "summary":
+        assert "fp8/net.0/weight/amax" in keys and "fp8/net.0/input/wasted_bits" not in keys
+    else:
+        for role in ("input", "weight", "grad_output"):
+            assert {f"fp8/lm_head/{role}/{s}" for s in ("amax", "wasted_bits", "saturation", "underflow")} <= keys
+        # net.2 = nn.Linear(64, 32): weights uniform in (-1/8, 1/8), ~9% clamped; reported, not an event
+        assert float(rows[-1]["fp8/net.2/weight/saturation"]) > 0.05
+        assert float(rows[-1]["fp8/model/divergence_events"]) == 0
+
+
 def test_tensorboard_logger_gets_fp8_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
