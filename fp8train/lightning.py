@@ -283,8 +283,9 @@ class Float8Training(Callback):
                    "emulated (dequantize, then a matmul in the compute dtype: the numerics of MX, slower than "
                    "bf16; native MX GEMMs need CUDA capability >= 10.0)")
             rank_zero_info(f"Float8Training: recipe {self.config.name!r} runs its MX GEMMs on {device.type} {how}")
-            return
-        if all(c.emulate for c in (mm.output, mm.grad_input, mm.grad_weight)):
+        gemm_configs = (mm.output, mm.grad_input, mm.grad_weight)
+        per_tensor = [g for (_, (_, a), _), g in zip(self.config.gemm_operands(), gemm_configs) if a.enabled and not a.mx]
+        if all(g.emulate for g in per_tensor):  # nothing needs torch._scaled_mm's per-tensor kernels
             return
         name = self.config.name
         fix = ("use an emulated recipe: Float8Training(config=" + (

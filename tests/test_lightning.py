@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+import fp8train
 import fp8train.lightning as fl
 from fp8train import Float8Linear, Float8LinearConfig
 from fp8train.lightning import CHECKPOINT_KEY, Float8Training
@@ -103,6 +104,21 @@ def test_environment_check_names_the_fix():
     with pytest.raises(RuntimeError, match=r"no 'meta' kernel.*from_recipe_name\('delayed', emulate=True\)"):
         Float8Training("delayed")._check_environment(Stub())  # type: ignore[arg-type]
     Float8Training(Float8LinearConfig.from_recipe_name("delayed", emulate=True))._check_environment(Stub())
+
+
+def test_environment_check_lets_mx_fall_back_to_emulation(info_log):
+    class Stub:
+        class strategy:
+            root_device = torch.device("meta")
+
+    Float8Training("mxfp8")._check_environment(Stub())  # type: ignore[arg-type]  # no fp8 kernel needed
+    assert "runs its MX GEMMs on meta emulated" in "\n".join(info_log)
+    # an MX forward with per-tensor backward GEMMs still needs the per-tensor kernels
+    mixed = Float8LinearConfig.from_recipe_name("mxfp8", cast_config_grad_output=fp8train.CastConfig(),
+                                                cast_config_weight_for_grad_input=fp8train.CastConfig(),
+                                                cast_config_input_for_grad_weight=fp8train.CastConfig())
+    with pytest.raises(RuntimeError, match="no 'meta' kernel"):
+        Float8Training(mixed)._check_environment(Stub())  # type: ignore[arg-type]
 
 
 # --- swap timing + metrics in the CSV logger ---------------------------------------------------------------
