@@ -284,7 +284,8 @@ class Float8Training(Callback):
                    "bf16; native MX GEMMs need CUDA capability >= 10.0)")
             rank_zero_info(f"Float8Training: recipe {self.config.name!r} runs its MX GEMMs on {device.type} {how}")
         gemm_configs = (mm.output, mm.grad_input, mm.grad_weight)
-        per_tensor = [g for (_, (_, a), _), g in zip(self.config.gemm_operands(), gemm_configs) if a.enabled and not a.mx]
+        per_tensor = [g for (_, (_, a), _), g in zip(self.config.gemm_operands(), gemm_configs)
+                      if a.enabled and not a.mx]
         if all(g.emulate for g in per_tensor):  # nothing needs torch._scaled_mm's per-tensor kernels
             return
         name = self.config.name

@@ -54,7 +54,8 @@ _FP8_STATE = re.compile(r"(?:^|\.)fp8_[a-z_]+$")  # Float8Linear's training-only
 
 def _load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file (scripts/train.py writes <run dir>/checkpoints/last.ckpt)")
+        raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file (scripts/train.py writes "
+                                f"<run dir>/checkpoints/last.ckpt)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" not in ckpt or "model" not in ckpt.get("hyper_parameters", {}):
         raise ValueError(
