@@ -69,13 +69,14 @@ def resolve_auto_filter(auto_filter: AutoFilter, config: Float8LinearConfig) -> 
     """The cost model the swap filters with, or ``None`` for no automatic filter.
 
     ``None`` (the default) filters when CUDA is available and the recipe really runs fp8 GEMMs
-    (not ``emulate``): there fp8 exists for speed. On CPU, or emulated, fp8 is run for its
-    numerics, and every layer is converted.
+    (not ``emulate``): there fp8 exists for speed. On CPU, emulated, or with MX block scaling
+    (whose GEMMs the model does not cover; emulated on Hopper) fp8 is run for its numerics, and
+    every layer is converted.
     """
     if isinstance(auto_filter, GemmCostModel):
         return auto_filter
     if auto_filter is None:
-        auto_filter = torch.cuda.is_available() and not config.emulate
+        auto_filter = torch.cuda.is_available() and not config.emulate and not config.has_mx
     if not isinstance(auto_filter, bool):
         raise ValueError(f"auto_filter={auto_filter!r} is invalid; valid: None (auto), True, False or a GemmCostModel")
     return for_current_device() if auto_filter else None

@@ -16,7 +16,8 @@ saved and reused in backward — half the activation memory of bf16 and no secon
 high-precision tensor is saved and cast again in backward.
 
 Each GEMM runs with its own ``ScaledMMConfig`` (``config.linear_mm_config``): by default fast
-accumulation for ``output`` only.
+accumulation for ``output`` only. Casts with ``scaling_granularity="mx"`` (the ``mxfp8`` recipe)
+produce MX block-scaled operands instead; ``fp8train.mx_ops`` casts and multiplies those.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from fp8train.config import CastConfig, Float8LinearConfig, GemmInputRole, LinearMMConfig, ScaledMMConfig, ScalingType
 from fp8train.delayed import record_amax, register_delayed_buffers
+from fp8train.mx_ops import MxOperand, mx_cast, mx_mm
 from fp8train.ops import Fp8Operand, scaled_mm_operands
 from fp8train.scaling import amax_to_scale, saturated_cast, tensor_amax
 
@@ -37,7 +39,7 @@ __all__ = ["Float8Linear", "set_weight_cast_cache"]
 
 _LINK_INPUTS_TO_OUTPUT = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
 INPUT, WEIGHT, GRAD_OUTPUT = GemmInputRole.INPUT, GemmInputRole.WEIGHT, GemmInputRole.GRAD_OUTPUT
-Operand = Fp8Operand | torch.Tensor  # fp8 (data, scale), or high precision when the cast is disabled
+Operand = Fp8Operand | MxOperand | torch.Tensor  # fp8 (data, scale), MX blocks, or high precision (disabled)
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,14 @@ def _cast(
 ) -> Operand:
     """The one cast decision: hp passthrough, delayed (stored scale), or dynamic (own amax).
 
-    ``reduce_dim`` is the operand's GEMM inner dimension (used only by axiswise casts).
+    ``reduce_dim`` is the operand's GEMM inner dimension (used by axiswise and MX casts).
     ``scale``/``amax`` are the delayed-scaling buffers of this role (``None`` when not delayed);
     the current amax is always recorded into ``amax`` so the next sync sees it.
     """
     if not cfg.enabled:
         return t.to(plan.compute_dtype)
+    if cfg.mx:  # MX blocks along the inner dim; always dynamic
+        return mx_cast(t, cfg, reduce_dim)
     pow2 = plan.config.round_scales_to_power_of_2
     if cfg.scaling_type is ScalingType.DELAYED and scale is not None:
         if amax is not None and plan.record_amax:
@@ -91,6 +95,8 @@ def _cast(
 def _gemm(a: Operand, b: Operand, cfg: ScaledMMConfig, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
     if isinstance(a, Fp8Operand):
         return scaled_mm_operands(a, b, cfg, out_dtype)
+    if isinstance(a, MxOperand):
+        return mx_mm(a, b, cfg, out_dtype, compute_dtype)
     return torch.mm(a.to(compute_dtype), b.to(compute_dtype)).to(out_dtype)
 
 
@@ -100,7 +106,8 @@ def _flat(t: Operand | None) -> tuple[torch.Tensor | None, ...]:
 
 def _reusable(forward_cfg: CastConfig, backward_cfg: CastConfig) -> bool:
     """Can the forward's fp8 operand serve the backward GEMM as is?"""
-    return forward_cfg.enabled and forward_cfg == backward_cfg and not forward_cfg.axiswise
+    # axiswise and MX casts reduce along the GEMM's inner dim, which differs between forward and backward
+    return forward_cfg.enabled and forward_cfg == backward_cfg and not (forward_cfg.axiswise or forward_cfg.mx)
 
 
 class _Float8LinearFn(torch.autograd.Function):

@@ -15,12 +15,14 @@ from _helpers import sqnr, three_gemm_sqnr
 #   delayed             28.5 / 24.6 / 24.7   (gradients in e5m2)
 #   rowwise             28.5 / 28.5 / 28.4
 #   rowwise_with_gw_hp  28.5 / 28.5 / 130.8 (fp32) and 50.9 (bf16)  (grad_weight in high precision)
+#   mxfp8               27.4 / 27.6 / 27.7 (fp32), 27.3 / 27.6 / 27.7 (bf16)  (emulated MX; 2026-11-26)
 # Thresholds sit ~2 dB under the measured value.
 THRESHOLDS = {
     "tensorwise": {"output": 26.5, "grad_input": 26.5, "grad_weight": 26.5},
     "delayed": {"output": 26.5, "grad_input": 22.5, "grad_weight": 22.5},
     "rowwise": {"output": 26.5, "grad_input": 26.5, "grad_weight": 26.5},
     "rowwise_with_gw_hp": {"output": 26.5, "grad_input": 26.5, "grad_weight": 48.0},
+    "mxfp8": {"output": 25.4, "grad_input": 25.4, "grad_weight": 25.4},
 }
 
 

@@ -31,6 +31,7 @@ from fp8train.config import Float8LinearConfig
 from fp8train.data.datamodule import TokenDataModule
 from fp8train.lightning import Float8Training
 from fp8train.models.llama import Llama, LlamaConfig
+from fp8train.mx_ops import mx_runs_native
 from fp8train.train.module import LlamaLightningModule, OptimConfig
 from fp8train.train.summary import RunSummary
 
@@ -227,7 +228,7 @@ def train(cfg: DictConfig, started: float | None = None) -> RunSummary:
         model=cfg.model.name,
         params=n_params,
         fp8_recipe=cfg.fp8.recipe.value if cfg.fp8.recipe is not None else "off",
-        fp8_emulated=bool(run.fp8 is not None and run.fp8.emulate),
+        fp8_emulated=_emulated(run.fp8, trainer.strategy.root_device),
         fp8_layers=len(report.converted) if report is not None else 0,
         fp8_skipped=sorted(report.skipped) if report is not None else [],
         fp8_fallback=sorted(run.fp8_callback.fallback_layers) if run.fp8_callback is not None else [],
@@ -257,6 +258,13 @@ def train(cfg: DictConfig, started: float | None = None) -> RunSummary:
         print(summary.format(), flush=True)
         summary.write(run.output_dir / "summary.json")
     return summary
+
+
+def _emulated(fp8: Float8LinearConfig | None, device: torch.device) -> bool:
+    """Whether the fp8 GEMMs were emulated (asked for, or MX GEMMs on hardware without them)."""
+    if fp8 is None:
+        return False
+    return fp8.emulate or (fp8.has_mx and not mx_runs_native(fp8, device))
 
 
 def _metrics_csv(trainer: L.Trainer) -> str | None:
