@@ -315,6 +315,15 @@ class AdamWFp8(torch.optim.Optimizer):
                                    if not (isinstance(v, torch.Tensor) and v.dtype in low_precision)}
             kept[pid] = {k: v for k, v in entries.items() if k not in stripped_state[pid]}
         super().load_state_dict({**state_dict, "state": stripped_state})
+        for gi, group in enumerate(self.param_groups):  # a torch.optim.AdamW group lacks our settings
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            where = f"AdamWFp8.load_state_dict: param_groups[{gi}]: "
+            for key in ("amsgrad", "maximize"):
+                if group.get(key, False):
+                    raise ValueError(f"{where}{key}={group[key]!r} is not supported; valid: False")
+            _check_hyperparameters(where, group)
+            group["betas"] = tuple(float(b) for b in group["betas"])
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(saved_ids, params):
