@@ -59,6 +59,16 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.view(rows, (cols + pad) // block, block)
 
 
+def _per_element(per_block: torch.Tensor, block: int, cols: int) -> torch.Tensor:
+    """``[R, nblk]`` -> ``[R, cols]``: each block's value repeated over its elements (a broadcast
+    view when ``cols`` is a multiple of ``block``; no padded copy of the data is made either way)."""
+    rows, nblk = per_block.shape
+    if cols == nblk * block:
+        return per_block.unsqueeze(-1).expand(rows, nblk, block).reshape(rows, cols)
+    # a gather, not repeat_interleave or expand + slice: torch 2.13's inductor (CPU) miscompiles those
+    return per_block[:, torch.arange(cols, device=per_block.device) // block]
+
+
 def _stochastic_e4m3_dither(y: torch.Tensor) -> torch.Tensor:
     """Add uniform noise of one e4m3 unit in the last place (ulp) centred on 0, so that the
     round-to-nearest cast that follows rounds to either neighbour with probability proportional
@@ -86,24 +96,20 @@ def quantize_blockwise_(
         stochastic: stochastic rounding instead of round-to-nearest-even.
     """
     rows, cols = x.shape
-    xb = _blocks(x, block)
-    amax = xb.abs().amax(dim=-1, keepdim=True)
+    amax = _blocks(x, block).abs().amax(dim=-1)  # [R, nblk]
     nonzero = amax > _MIN_AMAX
     inv = torch.where(nonzero, E4M3_MAX / amax.clamp(min=_MIN_AMAX), torch.zeros_like(amax))
-    y = xb * inv
+    y = x * _per_element(inv, block, cols)
     if stochastic:
         y = _stochastic_e4m3_dither(y)
     # the cast saturates on recent torch, but is not documented to: clamp explicitly
-    q = y.clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    data.copy_(q.view(rows, -1)[:, :cols])
-    scale.copy_(torch.where(nonzero, amax / E4M3_MAX, torch.zeros_like(amax)).squeeze(-1))
+    data.copy_(y.clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3))
+    scale.copy_(torch.where(nonzero, amax / E4M3_MAX, torch.zeros_like(amax)))
 
 
 def dequantize_blockwise(data: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
     """``[R, C]`` e4m3 ``data`` and ``[R, ceil(C / block)]`` fp32 ``scale`` -> ``[R, C]`` fp32 (new tensor)."""
-    rows, cols = data.shape
-    xb = _blocks(data.float(), block) * scale.unsqueeze(-1)
-    return xb.view(rows, -1)[:, :cols] if cols % block else xb.view(rows, cols)
+    return data.float() * _per_element(scale, block, data.shape[1])
 
 
 def round_to_bf16(x: torch.Tensor, stochastic: bool = False) -> torch.Tensor:

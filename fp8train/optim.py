@@ -148,6 +148,10 @@ class AdamWFp8(torch.optim.Optimizer):
         stochastic_rounding: round the stored moments stochastically (unbiased) instead of to nearest.
         amsgrad: must be False (not supported).
         maximize: must be False (not supported).
+        compile: ``torch.compile`` the per-parameter update of the fp8/bf16 states (recommended on
+            GPU: eager runs ~30 elementwise kernels per parameter, several times the memory traffic
+            of a fused AdamW). One compile per parameter shape until shapes go dynamic, one more
+            when the learning rate first changes.
 
     Raises:
         ValueError: a hyperparameter out of range, naming it, its value and what is valid;
@@ -172,6 +176,7 @@ class AdamWFp8(torch.optim.Optimizer):
         stochastic_rounding: bool = True,
         amsgrad: bool = False,
         maximize: bool = False,
+        compile: bool = False,
     ) -> None:
         if amsgrad is not False:
             raise ValueError(f"AdamWFp8(amsgrad={amsgrad!r}) is not supported; valid: False (use torch.optim.AdamW)")
@@ -179,6 +184,11 @@ class AdamWFp8(torch.optim.Optimizer):
             raise ValueError(
                 f"AdamWFp8(maximize={maximize!r}) is not supported; valid: False (negate the loss instead)"
             )
+        if not isinstance(compile, bool):
+            raise ValueError(f"AdamWFp8: compile={compile!r} is invalid; valid: True or False")
+        # one fused kernel set per parameter shape instead of ~30 elementwise kernels; the
+        # scalars (lr, bias corrections) are traced symbolically, so a schedule does not recompile
+        self._update_rows = torch.compile(_update_rows, fullgraph=True) if compile else _update_rows
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
                         second_moment=second_moment, stochastic_rounding=stochastic_rounding)
         _check_hyperparameters("AdamWFp8: ", defaults)
@@ -288,7 +298,7 @@ class AdamWFp8(torch.optim.Optimizer):
         chunk = max(1, _CHUNK_ELEMENTS // cols)
         for r in range(0, rows, chunk):  # shapes only: no data-dependent branch
             s = slice(r, r + chunk)
-            _update_rows(
+            self._update_rows(
                 p2[s], g2[s], m8[s], ms[s], vs[s], vsc[s] if vsc is not None else None,
                 lr=lr, wd=wd, eps=eps, beta1=beta1, beta2=beta2, step_size=step_size, bc2_sqrt=bc2_sqrt,
                 block=block, stochastic=sr,
@@ -388,9 +398,11 @@ def _update_rows(
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     quantize_blockwise_(m, m8, m_scale, block, stochastic)
     _store_v(v, v_store, v_scale, block, stochastic)
-    # this step's update uses the fp32 moments; the rounded ones carry over to the next step
-    denom = v.sqrt_().div_(bc2_sqrt).add_(eps)
+    # this step's update uses the fp32 moments; the rounded ones carry over to the next step.
+    # Scalars enter as operands, not as `value=` arguments: torch.compile then keeps them
+    # symbolic instead of recompiling for every new learning rate.
+    update = m.div_(v.sqrt_().div_(bc2_sqrt).add_(eps)).mul_(step_size)
     if p.dtype == torch.float32:
-        p.mul_(1 - lr * wd).addcdiv_(m, denom, value=-step_size)
+        p.mul_(1 - lr * wd).sub_(update)
     else:
-        p.copy_(p.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-step_size))
+        p.copy_(p.float().mul_(1 - lr * wd).sub_(update))

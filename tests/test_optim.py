@@ -305,3 +305,36 @@ def test_loaded_settings_win_and_inconsistent_states_fail():
     sd["param_groups"][0]["block_size"] = -1
     with pytest.raises(ValueError, match=r"param_groups\[0\]: block_size=-1"):
         AdamWFp8(model.parameters()).load_state_dict(sd)
+
+
+# --- torch.compile -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_update_matches_eager_without_recompiling_per_lr():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    shapes = [(64, 256), (32, 300)]  # whole blocks, and a partial last block
+    eager_ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+    comp_ps = [nn.Parameter(p.detach().clone()) for p in eager_ps]
+    kw = dict(lr=1e-2, weight_decay=0.1, stochastic_rounding=False)
+    eager, comp = AdamWFp8(eager_ps, **kw), AdamWFp8(comp_ps, compile=True, **kw)
+    steps = 6
+    for t in range(steps):
+        for o in (eager, comp):
+            o.param_groups[0]["lr"] = 1e-2 * (t + 1)  # a schedule: a new lr every step
+        for a, b in zip(eager_ps, comp_ps):
+            a.grad = torch.randn(a.shape)
+            b.grad = a.grad.clone()
+        eager.step()
+        comp.step()
+    for a, b in zip(eager_ps, comp_ps):
+        # measured: <= 2.4e-7 absolute after 6 steps (fused vs unfused fp32 arithmetic); bound 1e-5
+        assert (a - b).abs().max() < 1e-5
+        # the fp8 first moments agree to one e4m3 step at most (measured: identical)
+        ma = dequantize_blockwise(eager.state[a]["exp_avg"], eager.state[a]["exp_avg_scale"], 128)
+        mb = dequantize_blockwise(comp.state[b]["exp_avg"], comp.state[b]["exp_avg_scale"], 128)
+        assert ((ma - mb).abs() <= ma.abs() / 8 + 1e-12).all()
+    # first compile, lr going symbolic, the second shape (shapes then dynamic): not one per step
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])

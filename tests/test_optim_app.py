@@ -24,10 +24,11 @@ from fp8train.models.llama import LlamaConfig
 
 def test_adamw_fp8_option_composes_to_a_validated_config():
     cfg = _compose(["optim=adamw_fp8", "optim.lr=3e-3"])
-    o = OptimConfig(**OmegaConf.to_container(cfg.optim))
+    o = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
     assert o.name == "adamw_fp8" and o.lr == 3e-3 and o.second_moment == "bf16" and o.block_size == 128
     assert o.betas == (0.9, 0.95) and o.warmup_steps == 100  # the adamw option's values
-    assert OptimConfig(**OmegaConf.to_container(_compose([]).optim)).name == "adamw"
+    assert OptimConfig(**OmegaConf.to_container(_compose([]).optim, resolve=True)).name == "adamw"
+    assert _compose(["optim=adamw_fp8", "model.compile=true"]).optim.compile is True  # follows the model
 
 
 @pytest.mark.parametrize(

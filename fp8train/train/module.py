@@ -85,6 +85,7 @@ class OptimConfig:
         block_size: ``adamw_fp8``: elements per fp8 scale.
         second_moment: ``adamw_fp8``: ``"bf16"`` or ``"fp8"``.
         stochastic_rounding: ``adamw_fp8``: round stored moments stochastically.
+        compile: ``adamw_fp8``: ``torch.compile`` its per-parameter update (recommended on GPU).
         fp8_reduce_scatter: FSDP2 only: reduce-scatter gradients as fp8 with fp32 accumulation
             (``fp8train.reduce_scatter``); off by default.
 
@@ -102,6 +103,7 @@ class OptimConfig:
     block_size: int = 128
     second_moment: str = "bf16"
     stochastic_rounding: bool = True
+    compile: bool = False
     fp8_reduce_scatter: bool = False
 
     def __post_init__(self) -> None:
@@ -125,7 +127,7 @@ class OptimConfig:
             _fail("block_size", self.block_size, "an integer >= 1")
         if self.second_moment not in SECOND_MOMENT_FORMATS:
             _fail("second_moment", self.second_moment, f"one of {list(SECOND_MOMENT_FORMATS)}")
-        for flag in ("stochastic_rounding", "fp8_reduce_scatter"):
+        for flag in ("stochastic_rounding", "compile", "fp8_reduce_scatter"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "true or false")
 
@@ -296,7 +298,7 @@ class LlamaLightningModule(L.LightningModule):
         if o.name == "adamw_fp8":
             optimizer: torch.optim.Optimizer = AdamWFp8(
                 groups, lr=o.lr, betas=o.betas, eps=o.eps, block_size=o.block_size,
-                second_moment=o.second_moment, stochastic_rounding=o.stochastic_rounding,
+                second_moment=o.second_moment, stochastic_rounding=o.stochastic_rounding, compile=o.compile,
             )
         else:
             # not fused=True: Lightning's AMP plugin refuses gradient clipping with a fused optimizer

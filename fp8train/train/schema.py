@@ -216,6 +216,7 @@ class OptimConf:
     block_size: int = 128
     second_moment: str = "bf16"
     stochastic_rounding: bool = True
+    compile: bool = False
     fp8_reduce_scatter: bool = False
 
 
