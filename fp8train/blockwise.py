@@ -59,14 +59,15 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.view(rows, (cols + pad) // block, block)
 
 
-def _per_element(per_block: torch.Tensor, block: int, cols: int) -> torch.Tensor:
-    """``[R, nblk]`` -> ``[R, cols]``: each block's value repeated over its elements (a broadcast
-    view when ``cols`` is a multiple of ``block``; no padded copy of the data is made either way)."""
-    rows, nblk = per_block.shape
+def _times_blocks(x: torch.Tensor, per_block: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` ``[R, C]`` times each block's value of ``per_block`` ``[R, nblk]`` (a new ``[R, C]`` tensor;
+    broadcast over a ``[R, nblk, block]`` view, so no per-element copy of ``per_block`` is made)."""
+    rows, cols = x.shape
+    nblk = per_block.shape[1]
     if cols == nblk * block:
-        return per_block.unsqueeze(-1).expand(rows, nblk, block).reshape(rows, cols)
+        return (x.reshape(rows, nblk, block) * per_block.unsqueeze(-1)).view(rows, cols)
     # a gather, not repeat_interleave or expand + slice: torch 2.13's inductor (CPU) miscompiles those
-    return per_block[:, torch.arange(cols, device=per_block.device) // block]
+    return x * per_block[:, torch.arange(cols, device=per_block.device) // block]
 
 
 def _stochastic_e4m3_dither(y: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,7 @@ def quantize_blockwise_(
     amax = _blocks(x, block).abs().amax(dim=-1)  # [R, nblk]
     nonzero = amax > _MIN_AMAX
     inv = torch.where(nonzero, E4M3_MAX / amax.clamp(min=_MIN_AMAX), torch.zeros_like(amax))
-    y = x * _per_element(inv, block, cols)
+    y = _times_blocks(x, inv, block)
     if stochastic:
         y = _stochastic_e4m3_dither(y)
     # the cast saturates on recent torch, but is not documented to: clamp explicitly
@@ -109,7 +110,7 @@ def quantize_blockwise_(
 
 def dequantize_blockwise(data: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
     """``[R, C]`` e4m3 ``data`` and ``[R, ceil(C / block)]`` fp32 ``scale`` -> ``[R, C]`` fp32 (new tensor)."""
-    return data.float() * _per_element(scale, block, data.shape[1])
+    return _times_blocks(data.float(), scale, block)
 
 
 def round_to_bf16(x: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
