@@ -92,5 +92,15 @@ def test_fsdp2_two_cpu_ranks_with_fp8_states_and_reduce_scatter(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["world_size"] == 2 and s["steps"] == 3 and math.isfinite(s["val_loss"])
-    # Lightning saved the sharded optimizer state through torch.distributed.checkpoint
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_dir()
+    # Lightning saved the sharded optimizer state through torch.distributed.checkpoint ...
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir()
+    # ... and a run resumes from it (AdamWFp8.load_state_dict through set_optimizer_state_dict)
+    resumed = tmp_path / "resumed"
+    cmd = [c for c in cmd if not c.startswith(("hydra.run.dir=", "trainer.max_steps="))]
+    proc = subprocess.run(cmd + [f"hydra.run.dir={resumed}", f"ckpt_path={ckpt}", "trainer.max_steps=5"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "Restored all states" in proc.stdout + proc.stderr
+    s = json.loads((resumed / "summary.json").read_text())
+    assert s["steps"] == 5 and math.isfinite(s["val_loss"])
