@@ -18,6 +18,7 @@ import datetime
 import json
 import subprocess
 import time
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,40 @@ import fp8train
 from fp8train.costmodel import for_current_device
 from fp8train.models.llama import Llama, LlamaConfig
 from fp8train.perf import flops_per_token, mfu, peak_flops
+
+
+def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int) -> tuple[float, float, float]:
+    """Run ``warmup`` untimed then ``steps`` timed calls of ``step`` (CUDA events on a GPU, wall
+    clock otherwise). Returns ``(seconds per step, warm-up seconds, last loss)``."""
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = step()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    if cuda:
+        end.record()
+    sync()
+    seconds = start.elapsed_time(end) / 1000 if cuda else time.perf_counter() - t1
+    return seconds / steps, warmup_s, float(loss)
+
+
+def meta(**extra: Any) -> dict[str, Any]:
+    """Device, torch version, date and git commit of a benchmark run, plus ``extra``."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "commit": commit, **extra}
 
 
 def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, steps: int) -> dict[str, float]:
@@ -61,18 +96,7 @@ def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, ste
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        loss = step()
-    torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        loss = step()
-    end.record()
-    torch.cuda.synchronize()
-    sec_per_step = start.elapsed_time(end) / 1000 / steps
+    sec_per_step, warmup_s, final_loss = time_steps(step, warmup, steps)
     tps = batch * seq / sec_per_step
     peak = peak_flops(torch.device("cuda"), fp8=False)
     result = {
@@ -80,7 +104,7 @@ def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, ste
         "ms_per_step": sec_per_step * 1000,
         "mfu_bf16_peak": mfu(tps, flops_per_token(cfg, seq), peak) if peak else float("nan"),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "final_loss": float(loss),
+        "final_loss": final_loss,
         "warmup_s": warmup_s,
         "fp8_layers": n_fp8,
     }
@@ -109,16 +133,11 @@ def main() -> None:
         r = results[name]
         print(f"{name}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step, MFU {r['mfu_bf16_peak']:.3f}, "
               f"peak {r['peak_mem_gib']:.1f} GiB, loss {r['final_loss']:.3f}, warmup {r['warmup_s']:.0f}s", flush=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-            "commit": commit, "model": args.model, "batch": args.batch, "seq": args.seq}
+    info = meta(model=args.model, batch=args.batch, seq=args.seq)
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2)
+        json.dump({"meta": info, "results": results}, f, indent=2)
     base = results["bf16"]
-    print(f"\n{args.model} batch {args.batch} x seq {args.seq}, AdamW, compiled ({meta['device']}, torch {meta['torch']}, {meta['date']})")
+    print(f"\n{args.model} batch {args.batch} x seq {args.seq}, AdamW, compiled ({info['device']}, torch {info['torch']}, {info['date']})")
     print(f"{'case':>20} {'tok/s':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9} {'fp8 layers':>10}")
     for name, r in results.items():
         print(f"{name:>20} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / base['tokens_per_s']:7.2f}x "

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -190,6 +191,11 @@ def build(cfg: DictConfig) -> Run:
             callbacks.append(fp8_cb)
         loggers = [_instantiate(f"logger.{name}", node) for name, node in cfg.logger.items() if node is not None]
         trainer = _instantiate("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        if optim.fp8_reduce_scatter and not isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ConfigError(
+                f"optim.fp8_reduce_scatter=true needs FSDP2 (trainer=fsdp2), not {type(trainer.strategy).__name__}; "
+                f"set optim.fp8_reduce_scatter=false"
+            )
         datamodule = _data(cfg, model, trainer.world_size, trainer.accumulate_grad_batches)
     except OmegaConfBaseException as e:  # e.g. an interpolation that cannot resolve
         raise ConfigError(str(e)) from None
