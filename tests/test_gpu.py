@@ -76,8 +76,10 @@ def test_cuda_odd_token_count(pad):
     "recipe",
     [
         pytest.param(r, marks=pytest.mark.xfail(
-            reason="known defect (2026-11-25, H100, torch 2.11): compiled rowwise weight grads differ from "
-                   "eager by 16.4 dB SQNR (other recipes > 25 dB); not yet root-caused", strict=False))
+            reason="known defect (2026-11-25, H100, torch 2.11): compiled rowwise weight grads are 16.1 dB from "
+                   "an fp32 reference against 25.2 dB eager; aot_eager is bit-identical to eager and the pieces "
+                   "compiled alone are too (scripts/diag/compile_vs_reference.py, cast_kernels.py): an "
+                   "inductor codegen difference in the fused graph, not root-caused", strict=False))
         if r == "rowwise" else r
         for r in fp8train.recipe_names()
     ],
