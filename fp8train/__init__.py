@@ -20,6 +20,7 @@ from fp8train.config import (
     ScalingType,
     recipe_names,
 )
+from fp8train.costmodel import GemmCostModel
 from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training
 from fp8train.delayed import sync_float8_amax_and_scale_history
 from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
@@ -35,6 +36,7 @@ __all__ = [
     "Float8Linear",
     "Float8LinearConfig",
     "Float8Tensor",
+    "GemmCostModel",
     "GemmInputRole",
     "LinearMMConfig",
     "ScaledMMConfig",

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from fp8train.mx import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, STANDARD_BLOCK_SIZE
+
 __all__ = [
     "ScalingType",
     "ScalingGranularity",
@@ -76,10 +78,13 @@ class ScalingType(enum.Enum):
 
 class ScalingGranularity(enum.Enum):
     """``tensorwise``: one scale per tensor. ``axiswise``: one scale per row of the GEMM operand
-    (the reduction runs along the GEMM's inner dimension), as ``torch._scaled_mm`` rowwise needs."""
+    (the reduction runs along the GEMM's inner dimension), as ``torch._scaled_mm`` rowwise needs.
+    ``mx``: OCP MX blocks: one power-of-two (E8M0) scale per ``block_size`` consecutive elements
+    along the GEMM's inner dimension, from that block's own amax (``fp8train.mx``)."""
 
     TENSORWISE = "tensorwise"
     AXISWISE = "axiswise"
+    MX = "mx"
 
 
 class GemmInputRole(enum.Enum):
@@ -96,13 +101,17 @@ class CastConfig:
 
     Args:
         scaling_type: dynamic, delayed or disabled (``ScalingType`` or its string value).
-        scaling_granularity: tensorwise or axiswise.
-        target_dtype: ``"e4m3fn"`` / ``"e5m2"`` or the torch dtype. ``None`` picks e4m3fn.
+        scaling_granularity: tensorwise, axiswise or mx.
+        target_dtype: ``"e4m3fn"`` / ``"e5m2"`` or the torch dtype. ``None`` picks e4m3fn. With
+            ``mx`` granularity this is the MX element format (``fp8_e4m3`` / ``fp8_e5m2``).
+        block_size: elements per MX block, only with ``scaling_granularity="mx"``: a power of two
+            in [2, 256] (``None`` picks 32, the OCP standard and the only size MX hardware runs).
     """
 
     scaling_type: ScalingType = ScalingType.DYNAMIC
     scaling_granularity: ScalingGranularity = ScalingGranularity.TENSORWISE
     target_dtype: torch.dtype | str | None = None
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         o = "CastConfig"
@@ -128,6 +137,26 @@ class CastConfig:
                 "(an amax history per row does not survive changing batch shapes); use 'tensorwise' "
                 "with delayed scaling, or 'dynamic' with axiswise"
             )
+        self._check_block_size(o)
+
+    def _check_block_size(self, o: str) -> None:
+        bs = self.block_size
+        if self.scaling_granularity is not ScalingGranularity.MX:
+            if bs is not None:
+                _fail(o, "block_size", bs, f"None unless scaling_granularity='mx' (this cast is "
+                      f"{self.scaling_granularity.value!r})")
+            return
+        if self.scaling_type is ScalingType.DELAYED:
+            raise ValueError(
+                "CastConfig: scaling_type='delayed' with scaling_granularity='mx' is not supported (an MX "
+                "block's scale comes from that block's own amax); use scaling_type='dynamic'"
+            )
+        if bs is None:
+            object.__setattr__(self, "block_size", STANDARD_BLOCK_SIZE)
+        elif (isinstance(bs, bool) or not isinstance(bs, int) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE
+              or bs & (bs - 1)):
+            _fail(o, "block_size", bs, f"a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} "
+                  f"({STANDARD_BLOCK_SIZE} is the OCP standard and the only size MX hardware runs)")
 
     @property
     def enabled(self) -> bool:
@@ -137,11 +166,17 @@ class CastConfig:
     def axiswise(self) -> bool:
         return self.scaling_granularity is ScalingGranularity.AXISWISE
 
+    @property
+    def mx(self) -> bool:
+        """OCP MX block scaling (``scaling_granularity="mx"``)."""
+        return self.enabled and self.scaling_granularity is ScalingGranularity.MX
+
     def __str__(self) -> str:
         if not self.enabled:
             return "hp"
         name = {v: k for k, v in FP8_DTYPES.items()}[self.target_dtype]
-        return f"{self.scaling_type.value}/{self.scaling_granularity.value}/{name}"
+        granularity = f"mx{self.block_size}" if self.mx else self.scaling_granularity.value
+        return f"{self.scaling_type.value}/{granularity}/{name}"
 
 
 @dataclass(frozen=True)
@@ -293,11 +328,17 @@ class Float8LinearConfig:
                     f"{o}: the {gemm} GEMM would multiply {a_name} ({a}) with {b_name} ({b}); both "
                     f"operands of one GEMM must be fp8 or both 'disabled'"
                 )
+            if a.mx != b.mx or (a.mx and a.block_size != b.block_size):
+                raise ValueError(
+                    f"{o}: the {gemm} GEMM would multiply {a_name} ({a}) with {b_name} ({b}); an MX "
+                    f"operand needs an MX partner of the same block_size (scaling_granularity='mx' on both)"
+                )
         if self.enable_fsdp_float8_all_gather and not self.cast_config_weight.enabled:
             _fail(o, "enable_fsdp_float8_all_gather", True, "False when cast_config_weight is 'disabled'")
-        if self.enable_fsdp_float8_all_gather and self.cast_config_weight.axiswise:
+        if self.enable_fsdp_float8_all_gather and (self.cast_config_weight.axiswise or self.cast_config_weight.mx):
             _fail(o, "enable_fsdp_float8_all_gather", True,
-                  "False with an axiswise weight cast (fp8 all-gather supports tensorwise weights)")
+                  f"False unless the weight cast is tensorwise (fp8 all-gather supports tensorwise weights; "
+                  f"this one is {self.cast_config_weight.scaling_granularity.value!r})")
 
     # --- derived views -------------------------------------------------------------------------
     @property
@@ -334,6 +375,11 @@ class Float8LinearConfig:
         return LinearMMConfig(
             merged(self.gemm_config_output), merged(self.gemm_config_grad_input), merged(self.gemm_config_grad_weight)
         )
+
+    @property
+    def has_mx(self) -> bool:
+        """Whether any GEMM runs on MX operands (``fp8train.mx_ops``)."""
+        return any(a.mx for _, (_, a), _ in self.gemm_operands())
 
     @property
     def has_delayed(self) -> bool:
@@ -427,11 +473,19 @@ def _rowwise_with_gw_hp() -> Float8LinearConfig:
     )
 
 
+def _mxfp8() -> Float8LinearConfig:
+    # e4m3 for gradients too: with one scale per 32 elements the block, not the format, covers the
+    # dynamic range, so e4m3's extra mantissa bit wins (measured in tests/test_mx_linear.py)
+    mx = CastConfig(ScalingType.DYNAMIC, ScalingGranularity.MX, "e4m3fn", block_size=STANDARD_BLOCK_SIZE)
+    return Float8LinearConfig(cast_config_input=mx, cast_config_weight=mx, cast_config_grad_output=mx)
+
+
 _RECIPES: dict[str, Callable[[], Float8LinearConfig]] = {
     "tensorwise": _tensorwise,
     "delayed": _delayed,
     "rowwise": _rowwise,
     "rowwise_with_gw_hp": _rowwise_with_gw_hp,
+    "mxfp8": _mxfp8,
 }
 
 

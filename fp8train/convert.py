@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from fp8train.config import Float8LinearConfig
+from fp8train.costmodel import GemmCostModel, for_current_device
 from fp8train.linear import Float8Linear
 
 __all__ = ["convert_to_float8_training", "conversion_report", "ConversionReport", "ModuleFilter"]
@@ -46,14 +48,38 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _skip_reason(mod: nn.Linear, fqn: str, module_filter_fn: ModuleFilter | None) -> str | None:
+AutoFilter = bool | GemmCostModel | None
+
+
+def _skip_reason(
+    mod: nn.Linear, fqn: str, module_filter_fn: ModuleFilter | None, cost: GemmCostModel | None
+) -> str | None:
     if module_filter_fn is not None and not module_filter_fn(mod, fqn):
         return "excluded by module_filter_fn"
     for name in ("in_features", "out_features"):
         n = getattr(mod, name)
         if n % 16 != 0:
             return f"{name}={n} is not divisible by 16 (fp8 GEMMs need 16-aligned dims)"
+    if cost is not None:
+        return cost.skip_reason(mod.in_features, mod.out_features)
     return None
+
+
+def resolve_auto_filter(auto_filter: AutoFilter, config: Float8LinearConfig) -> GemmCostModel | None:
+    """The cost model the swap filters with, or ``None`` for no automatic filter.
+
+    ``None`` (the default) filters when CUDA is available and the recipe really runs fp8 GEMMs
+    (not ``emulate``): there fp8 exists for speed. On CPU, emulated, or with MX block scaling
+    (whose GEMMs the model does not cover; emulated on Hopper) fp8 is run for its numerics, and
+    every layer is converted.
+    """
+    if isinstance(auto_filter, GemmCostModel):
+        return auto_filter
+    if auto_filter is None:
+        auto_filter = torch.cuda.is_available() and not config.emulate and not config.has_mx
+    if not isinstance(auto_filter, bool):
+        raise ValueError(f"auto_filter={auto_filter!r} is invalid; valid: None (auto), True, False or a GemmCostModel")
+    return for_current_device() if auto_filter else None
 
 
 def convert_to_float8_training(
@@ -61,6 +87,7 @@ def convert_to_float8_training(
     *,
     config: Float8LinearConfig | str | None = None,
     module_filter_fn: ModuleFilter | None = None,
+    auto_filter: AutoFilter = None,
 ) -> nn.Module:
     """Replace every eligible ``nn.Linear`` in ``module`` with a ``Float8Linear``, in place.
 
@@ -69,6 +96,10 @@ def convert_to_float8_training(
         config: a ``Float8LinearConfig`` or a recipe name (default: ``"tensorwise"``).
         module_filter_fn: ``(module, fqn) -> bool``; ``False`` keeps that linear in high precision.
             ``fqn`` is the name as in ``named_modules()`` (e.g. ``"layers.0.attention.wq"``).
+        auto_filter: keep layers too small for fp8 to pay in high precision, judged by a cost model
+            of the GPU (``fp8train.costmodel``): ``None`` (default) does so when CUDA is available
+            and ``config.emulate`` is off; ``True``/``False`` force it on/off; a ``GemmCostModel``
+            uses that model (e.g. ``H100.replace(tokens=batch * seq_len)``).
 
     Returns:
         ``module`` (converted in place). ``conversion_report(module)`` lists converted and
@@ -84,6 +115,7 @@ def convert_to_float8_training(
         config = Float8LinearConfig.from_recipe_name(config or "tensorwise")
     if not isinstance(config, Float8LinearConfig):
         raise ValueError(f"config={config!r} is invalid; valid: a Float8LinearConfig or a recipe name")
+    cost = resolve_auto_filter(auto_filter, config)
     report = ConversionReport(config=config)
 
     def visit(parent: nn.Module, prefix: str) -> None:
@@ -92,7 +124,7 @@ def convert_to_float8_training(
             if isinstance(child, Float8Linear):
                 report.skipped[fqn] = "already a Float8Linear"
             elif isinstance(child, nn.Linear):
-                reason = _skip_reason(child, fqn, module_filter_fn)
+                reason = _skip_reason(child, fqn, module_filter_fn, cost)
                 if reason is None:
                     setattr(parent, name, Float8Linear.from_float(child, config))
                     report.converted.append(fqn)
@@ -102,7 +134,7 @@ def convert_to_float8_training(
                 visit(child, fqn)
 
     if isinstance(module, nn.Linear) and not isinstance(module, Float8Linear):
-        reason = _skip_reason(module, "", module_filter_fn)
+        reason = _skip_reason(module, "", module_filter_fn, cost)
         if reason is not None:
             raise ValueError(f"cannot convert this nn.Linear: {reason}")
         module = Float8Linear.from_float(module, config)

@@ -123,6 +123,18 @@ def sync_float8_amax_and_scale_history(model: nn.Module, process_group: Any = No
             m.is_amax_initialized = True
 
 
+_MAXES: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def _fp8_maxes(dtypes: tuple[torch.dtype, ...], device: torch.device) -> torch.Tensor:
+    # Built once per device: torch.tensor(list, device="cuda") copies from pageable host memory,
+    # which synchronises the host with the GPU — a stall on every optimizer step.
+    key = (dtypes, device)
+    if key not in _MAXES:
+        _MAXES[key] = torch.tensor([fp8_max(d) for d in dtypes], device=device)
+    return _MAXES[key]
+
+
 def _sync_group(layers: list[nn.Module], key: tuple[Any, ...], process_group: Any) -> None:
     history_len, algo, margin, pow2, dtypes = key
     n_layers = len(layers)
@@ -146,7 +158,7 @@ def _sync_group(layers: list[nn.Module], key: tuple[Any, ...], process_group: An
     rolled = torch.cat([amax.unsqueeze(-1), history[..., :-1]], dim=-1)
     history = torch.where(update.unsqueeze(-1), rolled, history)
     effective = history.amax(dim=-1) if algo == "max" else history[..., 0]
-    maxes = torch.tensor([fp8_max(d) for d in dtypes], device=amax.device)
+    maxes = _fp8_maxes(dtypes, amax.device)
     scale = maxes / torch.clamp(effective, min=EPS) / (2.0**margin)
     if pow2:
         scale = floor_pow2(scale)

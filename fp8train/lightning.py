@@ -36,9 +36,12 @@ What the callback does, and when (Lightning 2.x hook order in ``Trainer.fit``)::
   optimizer steps, decided at the step's first micro-batch), so other steps run no extra kernel
   and no host sync. ``"summary"`` reads what already exists: the delayed-scaling buffers (this
   step's amax, the scale its casts used, the NaN/inf counters) stacked before the sync, and the
-  weights' amax (one ``_foreach_norm``). ``"detailed"`` also hooks every converted layer for that
-  step's micro-batches (a forward hook for input and weight, a tensor hook on the output for
-  grad_output) and re-runs the cast math on each operand (``fp8train.metrics.OperandProbe``).
+  weights' amax (one ``_foreach_norm``); MX weights (``mxfp8``) are quantized once more to read
+  their wasted bits (``fp8train.diagnostics.wasted_bits``, the mean over blocks). ``"detailed"``
+  also hooks every converted layer for that step's micro-batches (a forward hook for input and
+  weight, a tensor hook on the output for grad_output) and re-runs the cast math on each operand
+  (``fp8train.metrics.OperandProbe``; MX operands: wasted bits, saturation and underflow of their
+  MX payload, no scale).
   The numbers are folded into a ``torchmetrics`` metric (aggregated across ranks), read with one
   host transfer, and written to every logger of the trainer, at Lightning's own step value::
 
@@ -92,7 +95,9 @@ from fp8train.convert import ConversionReport, conversion_report, convert_to_flo
 from fp8train.delayed import sync_float8_amax_and_scale_history
 from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from fp8train.linear import Float8Linear, set_weight_cast_cache
-from fp8train.metrics import ROLES, Float8Stats, OperandProbe, local_shard, operand_cast_config
+from fp8train.diagnostics import wasted_bits
+from fp8train.metrics import ROLES, Float8Stats, OperandProbe, local_shard, mx_payload, operand_cast_config
+from fp8train.mx_ops import mx_runs_native
 from fp8train.scaling import EPS, amax_to_scale, floor_pow2, fp8_max
 
 __all__ = ["Float8Training", "CHECKPOINT_KEY"]
@@ -145,6 +150,9 @@ class Float8Training(Callback):
         saturation_bound: fraction of an operand's elements saturated at the fp8 max above which
             the guard fires (``None``: check non-finite amax only). Small batches make the
             first steps of delayed scaling noisy (one batch's amax outgrows a one-entry history).
+            MX operands are not checked: the OCP scale rule clamps by design, whatever the step
+            (~10% of the weight of an ``nn.Linear(64, n)`` at init), so it is no sign of
+            divergence; their saturation is in the metrics.
         on_divergence: what the guard does when an operand's amax is non-finite or its saturation
             passes ``saturation_bound``: ``"warn"`` (name the layer and role in a warning, once
             per operand and kind, and in the metrics), ``"fallback"`` (also run that layer in high
@@ -157,6 +165,9 @@ class Float8Training(Callback):
         cache_weight_casts: with ``accumulate_grad_batches > 1``, cast each weight to fp8 once per
             optimizer step and reuse it for the later micro-batches (tensorwise weight recipes; costs
             ``out_features x in_features`` bytes per layer). See ``fp8train.set_weight_cast_cache``.
+        auto_filter: keep linears too small for fp8 to pay in high precision (a cost model of the
+            GPU; ``fp8train.costmodel``); the conversion table names each with its predicted
+            speedup. ``None`` (default): on when the trainer runs on CUDA without ``emulate``.
 
     Raises:
         ValueError: at construction, for an unknown recipe name or any invalid argument (the
@@ -182,6 +193,7 @@ class Float8Training(Callback):
         on_divergence: str = "warn",
         guard_every_n_steps: int | None = None,
         cache_weight_casts: bool = True,
+        auto_filter: bool | None = None,
     ) -> None:
         if isinstance(config, str):
             if config not in recipe_names():
@@ -215,10 +227,13 @@ class Float8Training(Callback):
             raise ValueError(
                 f"Float8Training(guard_every_n_steps={guard_every_n_steps!r}) is invalid; valid: an int >= 0 or None"
             )
+        if auto_filter is not None and not isinstance(auto_filter, bool):
+            raise ValueError(f"Float8Training(auto_filter={auto_filter!r}) is invalid; valid: True, False or None (auto)")
         if not isinstance(cache_weight_casts, bool):
             raise ValueError(f"Float8Training(cache_weight_casts={cache_weight_casts!r}) is invalid; valid: True or False")
         self.config = config
         self.cache_weight_casts = cache_weight_casts
+        self.auto_filter = auto_filter
         self.stats = stats
         self.saturation_bound = None if saturation_bound is None else float(saturation_bound)
         self.on_divergence = on_divergence
@@ -278,9 +293,17 @@ class Float8Training(Callback):
 
     def _check_environment(self, trainer: Trainer) -> None:
         mm = self.config.linear_mm_config
-        if all(c.emulate for c in (mm.output, mm.grad_input, mm.grad_weight)):
-            return
         device = trainer.strategy.root_device
+        if self.config.has_mx:  # MX GEMMs fall back to emulation where the hardware has none
+            how = ("natively (block-scaled _scaled_mm)" if mx_runs_native(self.config, device) else
+                   "emulated (dequantize, then a matmul in the compute dtype: the numerics of MX, slower than "
+                   "bf16; native MX GEMMs need CUDA capability >= 10.0)")
+            rank_zero_info(f"Float8Training: recipe {self.config.name!r} runs its MX GEMMs on {device.type} {how}")
+        gemm_configs = (mm.output, mm.grad_input, mm.grad_weight)
+        per_tensor = [g for (_, (_, a), _), g in zip(self.config.gemm_operands(), gemm_configs)
+                      if a.enabled and not a.mx]
+        if all(g.emulate for g in per_tensor):  # nothing needs torch._scaled_mm's per-tensor kernels
+            return
         name = self.config.name
         fix = ("use an emulated recipe: Float8Training(config=" + (
             f"Float8LinearConfig.from_recipe_name({name!r}, emulate=True))" if name != "custom"
@@ -320,8 +343,13 @@ class Float8Training(Callback):
 
     def _convert(self, pl_module: LightningModule) -> None:
         """Swap the linears that are not converted yet (idempotent), then re-index the layers."""
+        auto = self.auto_filter
+        if auto is None:
+            trainer = getattr(pl_module, "_trainer", None)
+            on_cuda = trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
+            auto = on_cuda and not self.config.emulate and not self.config.has_mx
         with _float32_default_dtype():
-            convert_to_float8_training(pl_module, config=self.config, module_filter_fn=self._keep)
+            convert_to_float8_training(pl_module, config=self.config, module_filter_fn=self._keep, auto_filter=auto)
         report = conversion_report(pl_module)
         if report is not None:
             self._converted_here.update(report.converted)
@@ -603,17 +631,21 @@ class Float8Training(Callback):
         scale = torch.full((n, 3), math.inf, device=dev)
         scaled = torch.zeros(n, 3, device=dev)
         mask = torch.zeros(n, 3, dtype=torch.bool, device=dev)
+        wasted = torch.full((n, 3), math.nan, device=dev)
         for i, v in zip(rows, norms):
             cfg = self._layers[i].config
             cast = cfg.cast_config_weight
             amax[i, 1] = v.to(dev, torch.float32)
             mask[i, 1] = True
-            if cast.axiswise:  # every row's max lands on the fp8 max; no single scale to report
+            if cast.mx:  # a scale per block: measure the payload (one quantize pass, logging steps only)
+                weight = local_shard(self._layers[i].weight.detach())
+                wasted[i, 1] = wasted_bits(mx_payload(weight, cast)).to(dev)
+            elif cast.axiswise:  # every row's max lands on the fp8 max; no single scale to report
                 scaled[i, 1] = fp8_max(cast.target_dtype)
             else:
                 scale[i, 1] = amax_to_scale(amax[i, 1], cast.target_dtype, cfg.round_scales_to_power_of_2)
                 scaled[i, 1] = amax[i, 1] * scale[i, 1]
-        return {"amax": amax, "scale": scale, "scaled_amax": scaled, "mask": mask}
+        return {"amax": amax, "scale": scale, "scaled_amax": scaled, "mask": mask, "wasted_bits": wasted}
 
     def _finish_sampled_step(self, trainer: Trainer, plan: _StepPlan) -> None:
         metric = self._metric
@@ -669,7 +701,8 @@ class Float8Training(Callback):
                                    f"skipped them)"))
                 elif bad_amax == 1.0:
                     events.append((name, role, "nonfinite", "amax is NaN/inf"))
-                elif self.saturation_bound is not None and not math.isnan(sat) and sat > self.saturation_bound:
+                elif (self.saturation_bound is not None and not math.isnan(sat) and sat > self.saturation_bound
+                      and not operand_cast_config(self._layers[i], role).mx):
                     events.append((name, role, "saturation",
                                    f"{sat:.2%} of elements saturated at the fp8 max "
                                    f"(saturation_bound={self.saturation_bound:.2%})"))

@@ -16,7 +16,8 @@ saved and reused in backward — half the activation memory of bf16 and no secon
 high-precision tensor is saved and cast again in backward.
 
 Each GEMM runs with its own ``ScaledMMConfig`` (``config.linear_mm_config``): by default fast
-accumulation for ``output`` only.
+accumulation for ``output`` only. Casts with ``scaling_granularity="mx"`` (the ``mxfp8`` recipe)
+produce MX block-scaled operands instead; ``fp8train.mx_ops`` casts and multiplies those.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from fp8train.config import CastConfig, Float8LinearConfig, GemmInputRole, LinearMMConfig, ScaledMMConfig, ScalingType
 from fp8train.delayed import record_amax, register_delayed_buffers
 from fp8train.fsdp import enable_float8_all_gather
+from fp8train.mx_ops import MxOperand, mx_cast, mx_mm
 from fp8train.ops import Fp8Operand, scaled_mm_operands
 from fp8train.scaling import amax_to_scale, from_float8, saturated_cast, tensor_amax
 from fp8train.tensor import Float8Tensor
@@ -41,7 +43,7 @@ __all__ = ["Float8Linear", "set_weight_cast_cache"]
 
 _LINK_INPUTS_TO_OUTPUT = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
 INPUT, WEIGHT, GRAD_OUTPUT = GemmInputRole.INPUT, GemmInputRole.WEIGHT, GemmInputRole.GRAD_OUTPUT
-Operand = Fp8Operand | torch.Tensor  # fp8 (data, scale), or high precision when the cast is disabled
+Operand = Fp8Operand | MxOperand | torch.Tensor  # fp8 (data, scale), MX blocks, or high precision (disabled)
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,14 @@ def _cast(
 ) -> Operand:
     """The one cast decision: hp passthrough, delayed (stored scale), or dynamic (own amax).
 
-    ``reduce_dim`` is the operand's GEMM inner dimension (used only by axiswise casts).
+    ``reduce_dim`` is the operand's GEMM inner dimension (used by axiswise and MX casts).
     ``scale``/``amax`` are the delayed-scaling buffers of this role (``None`` when not delayed);
     the current amax is always recorded into ``amax`` so the next sync sees it.
     """
     if not cfg.enabled:
         return t.to(plan.compute_dtype)
+    if cfg.mx:  # MX blocks along the inner dim; always dynamic
+        return mx_cast(t, cfg, reduce_dim)
     pow2 = plan.config.round_scales_to_power_of_2
     if cfg.scaling_type is ScalingType.DELAYED and scale is not None:
         if amax is not None and plan.record_amax:
@@ -83,12 +87,20 @@ def _cast(
             return Fp8Operand(saturated_cast(t, scale, cfg.target_dtype), scale)
     dim = reduce_dim % t.dim() if cfg.axiswise else None
     s = amax_to_scale(tensor_amax(t, dim), cfg.target_dtype, pow2)
+    if dim == 0 and t.dim() == 2:
+        # Reduced along the token dim M: the grad_weight GEMM wants this operand M-major. Cast the
+        # transpose straight into that layout (one fused pass under inductor) instead of casting
+        # row-major and copying the fp8 tensor into the transposed layout afterwards.
+        data_t = saturated_cast(t.t(), s.t(), cfg.target_dtype).contiguous()
+        return Fp8Operand(data_t.t(), s)
     return Fp8Operand(saturated_cast(t, s, cfg.target_dtype), s)
 
 
 def _gemm(a: Operand, b: Operand, cfg: ScaledMMConfig, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
     if isinstance(a, Fp8Operand):
         return scaled_mm_operands(a, b, cfg, out_dtype)
+    if isinstance(a, MxOperand):
+        return mx_mm(a, b, cfg, out_dtype, compute_dtype)
     return torch.mm(a.to(compute_dtype), b.to(compute_dtype)).to(out_dtype)
 
 
@@ -114,7 +126,8 @@ def _link(t: torch.Tensor) -> torch.Tensor:
 
 def _reusable(forward_cfg: CastConfig, backward_cfg: CastConfig) -> bool:
     """Can the forward's fp8 operand serve the backward GEMM as is?"""
-    return forward_cfg.enabled and forward_cfg == backward_cfg and not forward_cfg.axiswise
+    # axiswise and MX casts reduce along the GEMM's inner dim, which differs between forward and backward
+    return forward_cfg.enabled and forward_cfg == backward_cfg and not (forward_cfg.axiswise or forward_cfg.mx)
 
 
 class _Float8LinearFn(torch.autograd.Function):
@@ -195,6 +208,18 @@ class _Float8LinearFn(torch.autograd.Function):
         return (grad_x, grad_w, None) + (None,) * ctx.n_state
 
 
+def _in_backward_recompute() -> bool:
+    """True while activation checkpointing re-runs this forward inside backward.
+
+    The recompute sees the same operands as the original forward, whose amax is recorded
+    already; recording it again would be redundant work. (Under torch.compile the partitioner
+    recomputes without re-running buffer mutations, so only eager needs this.)
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 class Float8Linear(nn.Linear):
     """Drop-in ``nn.Linear`` (same parameters and state_dict keys) that trains with fp8 GEMMs.
 
@@ -271,7 +296,7 @@ class Float8Linear(nn.Linear):
             use_stored_scales=bool(getattr(self, "is_amax_initialized", False)),
             need_grad_input=input.requires_grad,
             need_grad_weight=weight.requires_grad,
-            record_amax=self.training,
+            record_amax=self.training and not _in_backward_recompute(),
             weight_cache=self.weight_cast_cache if self.training else "off",
         )
         x = input.reshape(-1, input.shape[-1]).to(compute_dtype)

@@ -20,6 +20,14 @@ For an operand ``x`` cast with scale ``s`` to an fp8 format with largest value `
 
 These are measured on the high-precision operand and its scale, *before* the cast, which is what
 training has at hand (no fp8 payload is kept) and what tells clamping from rounding.
+
+MX operands (``scaling_granularity="mx"``) have one power-of-two scale per block, so the probe
+quantizes them to MX (blocks along the inner dim of their first GEMM, as the layer does) and
+reports, per operand: ``wasted_bits`` from ``fp8train.diagnostics.wasted_bits`` of the payload
+(the mean over blocks of each block's unused top binades), ``underflow`` as above, and
+``saturation`` as above with ``s = 2**-e`` per block: the elements the OCP scale rule clamps
+(``floor(log2(amax)) - emax`` maps a block's amax into ``[256, 512)`` for e4m3, above 448 the
+top of the range is cut off; about 0.5% of Gaussian data). There is no single scale to report.
 ``fp8train.diagnostics`` measures the same quantities on a payload *after* the cast (a
 ``Float8Tensor``, an ``MXTensor``): underflow agrees exactly, wasted bits up to the rounding of the
 amax element, and its saturation counts elements *at* max (rounded there or clamped).
@@ -46,7 +54,10 @@ import torch.nn as nn
 from torchmetrics import Metric
 
 from fp8train.config import CastConfig, GemmInputRole, ScalingType
+from fp8train.diagnostics import wasted_bits
 from fp8train.linear import Float8Linear
+from fp8train.mx import MXTensor, to_mx
+from fp8train.mx_ops import MX_ELEM_OF_DTYPE
 from fp8train.scaling import amax_to_scale, fp8_max
 from fp8train.tensor import Float8Tensor
 
@@ -57,6 +68,7 @@ __all__ = [
     "ProbeResult",
     "format_binades",
     "local_shard",
+    "mx_payload",
     "operand_cast_config",
     "saturation_threshold",
     "underflow_threshold",
@@ -132,6 +144,12 @@ def operand_cast_config(layer: Float8Linear, role: str) -> CastConfig:
     return getattr(layer.config, f"cast_config_{role}")
 
 
+def mx_payload(x: torch.Tensor, cfg: CastConfig) -> MXTensor:
+    """The MX payload of a 2-D operand ``x`` under the ``mx`` cast ``cfg``, blocked along its last
+    dim (the inner dim of the operand's first GEMM, as ``operand_cast_config`` defines it)."""
+    return to_mx(x, MX_ELEM_OF_DTYPE[cfg.target_dtype], cfg.block_size)
+
+
 def _operand_scale(layer: Float8Linear, role: str, x_abs: torch.Tensor, amax: torch.Tensor,
                    cfg: CastConfig) -> torch.Tensor:
     """The scale ``Float8Linear`` uses for this operand on this step (mirrors ``linear._cast``):
@@ -155,6 +173,8 @@ class ProbeResult:
             smallest row scale).
         saturated, underflow, nonzero, numel: element counts (int64).
         seen: number of operand tensors measured (int64; 0 where not measured).
+        wasted_sum, wasted_n: sum (fp32) and count (int64) of wasted bits measured on payloads
+            (MX operands, whose blocks have no single scaled amax); 0 elsewhere.
         full: ``False`` for a saturation-only probe: then only ``saturated``, ``numel`` and
             ``seen`` are filled (amax, scale and underflow were not measured).
     """
@@ -167,6 +187,8 @@ class ProbeResult:
     nonzero: torch.Tensor
     numel: torch.Tensor
     seen: torch.Tensor
+    wasted_sum: torch.Tensor
+    wasted_n: torch.Tensor
     full: bool = True
 
 
@@ -221,6 +243,7 @@ class OperandProbe:
                 "max": torch.zeros(3, 2, device=dev),
                 "scale": torch.full((3,), math.inf, device=dev),
                 "count": torch.zeros(3, 5, dtype=torch.int64, device=dev),
+                "wasted": torch.zeros(3, 2, device=dev),  # MX operands: sum of wasted bits, count
             })
             if any(self.roles[i]):
                 self._handles.append(layer.register_forward_hook(self._hook(i)))
@@ -275,6 +298,9 @@ class OperandProbe:
                 saturated = (x.detach().abs().to(torch.float32) > limit).sum()
             acc["count"][r] += torch.stack([saturated, zero, zero, numel, one])
             return
+        if cfg.mx:
+            self._measure_mx(acc, r, x.detach(), cfg, one, numel)
+            return
         a = x.detach().abs().to(torch.float32)
         amax = a.amax()
         scale = _operand_scale(layer, role, a, amax, cfg)
@@ -286,6 +312,26 @@ class OperandProbe:
         under, nonzero = _underflow_counts(a, y, cfg.target_dtype)
         acc["count"][r] += torch.stack([saturated, under, nonzero, numel, one])
 
+    @staticmethod
+    def _measure_mx(acc: dict[str, torch.Tensor], r: int, x: torch.Tensor, cfg: CastConfig,
+                    one: torch.Tensor, numel: torch.Tensor) -> None:
+        mx = mx_payload(x, cfg)
+        fmt = mx.format
+        k = x.shape[-1]
+        q = mx.elements()[..., :k].abs()  # element values without their block scale
+        deq = mx.to_dtype(torch.float32).abs()
+        a = x.abs().to(torch.float32)
+        # an element at the format's max was clamped beyond rounding when |x| > 2**e * threshold;
+        # 2**e = |deq| / max exactly (both are powers of two times max)
+        at_max = q >= fmt.max
+        saturated = (at_max & (a > deq / fmt.max * saturation_threshold(cfg.target_dtype))).sum()
+        nonzero = a != 0
+        under = (nonzero & (deq == 0)).sum()  # NaN blocks dequantize to NaN, never counted
+        amax = a.amax()
+        acc["max"][r, 0] = torch.maximum(acc["max"][r, 0], amax)
+        acc["wasted"][r] += torch.stack([wasted_bits(mx), torch.ones((), device=x.device)])
+        acc["count"][r] += torch.stack([saturated, under, nonzero.sum(), numel, one])
+
     def result(self) -> ProbeResult:
         """Stack the accumulators (on the first layer's device); no host sync."""
         if not self._acc:
@@ -294,10 +340,12 @@ class OperandProbe:
         maxes = torch.stack([a["max"].to(dev) for a in self._acc])
         counts = torch.stack([a["count"].to(dev) for a in self._acc])
         scale = torch.stack([a["scale"].to(dev) for a in self._acc])
+        wasted = torch.stack([a["wasted"].to(dev) for a in self._acc])
         return ProbeResult(
             amax=maxes[..., 0], scaled_amax=maxes[..., 1], scale=scale,
             saturated=counts[..., 0], underflow=counts[..., 1], nonzero=counts[..., 2],
-            numel=counts[..., 3], seen=counts[..., 4], full=self.full,
+            numel=counts[..., 3], seen=counts[..., 4], wasted_sum=wasted[..., 0],
+            wasted_n=wasted[..., 1].to(torch.int64), full=self.full,
         )
 
 
@@ -346,6 +394,9 @@ class Float8Stats(Metric):
         self.add_state("nonzero", torch.zeros(n, 3, **i64), dist_reduce_fx="sum")
         self.add_state("under_seen", torch.zeros(n, 3, **i64), dist_reduce_fx="sum")
         self.add_state("nonfinite", torch.full((n, 3), -1, **i64), dist_reduce_fx="max")
+        # wasted bits measured directly on payloads (MX operands): sum and count, averaged in compute
+        self.add_state("wasted_sum", torch.zeros(n, 3, **f32), dist_reduce_fx="sum")
+        self.add_state("wasted_n", torch.zeros(n, 3, **i64), dist_reduce_fx="sum")
 
     def update(  # type: ignore[override]
         self,
@@ -355,6 +406,7 @@ class Float8Stats(Metric):
         mask: torch.Tensor | None = None,
         probe: ProbeResult | None = None,
         nonfinite: torch.Tensor | None = None,
+        wasted_bits: torch.Tensor | None = None,
     ) -> None:
         """Fold in one step's statistics.
 
@@ -364,6 +416,9 @@ class Float8Stats(Metric):
             mask: ``[L, 3]`` bool, which entries of ``amax``/``scale`` are valid (default all).
             probe: an ``OperandProbe`` result (element-level counts).
             nonfinite: ``[L, 3]`` int64 running counters of skipped non-finite amax.
+            wasted_bits: ``[L, 3]`` fp32 wasted bits measured on payloads (``fp8train.diagnostics``,
+                e.g. of MX weights); NaN where not measured. Where any were given, ``compute``
+                reports their mean instead of the value derived from ``scaled_amax``.
         """
         if amax is not None:
             m = torch.ones_like(amax, dtype=torch.bool) if mask is None else mask.to(amax.device)
@@ -381,6 +436,13 @@ class Float8Stats(Metric):
                 self.under_seen += seen.to(torch.int64)
         if nonfinite is not None:
             self.nonfinite = torch.maximum(self.nonfinite, nonfinite.to(torch.int64))
+        if probe is not None and probe.full:
+            self.wasted_sum += probe.wasted_sum.to(torch.float32)
+            self.wasted_n += probe.wasted_n
+        if wasted_bits is not None:
+            given = ~torch.isnan(wasted_bits)
+            self.wasted_sum += torch.where(given, wasted_bits.to(torch.float32), torch.zeros_like(self.wasted_sum))
+            self.wasted_n += given.to(torch.int64)
 
     def _fold(self, amax: torch.Tensor, scale: torch.Tensor | None, scaled_amax: torch.Tensor | None,
               m: torch.Tensor) -> None:
@@ -405,6 +467,8 @@ class Float8Stats(Metric):
         wasted = torch.log2(m / torch.clamp(self.scaled_amax, max=m))
         wasted = torch.where(self.scaled_amax > 0, wasted, self.binades.to(self.amax.device))
         wasted = torch.where((self.scaled_seen > 0) & torch.isfinite(self.scaled_amax), wasted, nan)
+        measured = self.wasted_sum / torch.clamp(self.wasted_n, min=1).to(torch.float32)
+        wasted = torch.where(self.wasted_n > 0, measured, wasted)
         saturation = torch.where(self.sat_numel > 0, self.saturated / torch.clamp(self.sat_numel, min=1), nan)
         underflow = torch.where(self.under_seen > 0, self.underflow / torch.clamp(self.nonzero, min=1), nan)
         nonfinite = torch.where(self.nonfinite >= 0, self.nonfinite.to(torch.float32), nan)

@@ -263,7 +263,9 @@ def _decode(qdata: Tensor, fmt: MXElemFormat) -> Tensor:
 def _quantize(x: Tensor, elem_dtype: str, block_size: int) -> tuple[Tensor, Tensor]:
     fmt = _elem_format("mx_quantize", elem_dtype)
     k = x.shape[-1]
-    xf = F.pad(x.to(torch.float32), (0, _padded_len(k, block_size) - k))
+    # contiguous: outputs must have the fake kernel's strides even for a transposed x (MX operands
+    # of backward GEMMs are blocked along columns: Float8Linear quantizes x.t())
+    xf = F.pad(x.to(torch.float32), (0, _padded_len(k, block_size) - k)).contiguous()
     blocks = xf.unflatten(-1, (-1, block_size))  # [..., nb, bs]
     scale = _block_exponent(blocks.abs().amax(dim=-1), fmt)  # [..., nb]
     # multiply by 2**-e (e = scale - 127): its biased code is 254 - scale, exact in fp32

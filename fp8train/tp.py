@@ -130,7 +130,7 @@ def _fp8_input_config(module: nn.Module) -> Float8LinearConfig | None:
     if not isinstance(config, Float8LinearConfig) or not getattr(module, "fp8_enabled", False):
         return None
     cast = config.cast_config_input
-    return config if cast.enabled and not cast.axiswise else None
+    return config if cast.enabled and not (cast.axiswise or cast.mx) else None
 
 
 class _AllGatherFloat8(torch.autograd.Function):

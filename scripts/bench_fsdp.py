@@ -9,8 +9,9 @@ Cases: ``bf16`` (no conversion), a recipe name (``tensorwise``, ``delayed``, ...
 ``+ag`` (``Float8LinearConfig.enable_fsdp_float8_all_gather=True``: weights all-gathered in fp8).
 Default: bf16, tensorwise, tensorwise+ag, delayed, delayed+ag.
 
-Each case builds the model on the meta device from the same seed, converts every linear but
-``lm_head``, compiles each block, shards each block and the root with ``fully_shard`` (the Hydra
+Each case builds the model on the meta device from the same seed, converts the linears but
+``lm_head`` (with ``bench_train.py``'s auto filter: layers the GPU cost model says fp8 does not pay
+for stay bf16; ``--no-auto-filter`` converts all of them), compiles each block, shards each block and the root with ``fully_shard`` (the Hydra
 app's ``fp8train.train.parallel.apply_fsdp2``: bf16 parameters all-gathered, fp32 gradient
 reduction; last block not resharded after forward), allocates this rank's shards
 (``materialize``), then runs fused-AdamW steps under bf16 autocast on random tokens (each rank its
@@ -25,11 +26,11 @@ numbers as JSON (``--out``). Timings of different devices or world sizes do not 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import socket
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,9 +38,10 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import git_commit, print_table, timed_steps  # noqa: E402
+from bench_train import meta, time_steps  # noqa: E402
 
 import fp8train  # noqa: E402
+from fp8train.costmodel import for_current_device  # noqa: E402
 from fp8train.models.llama import Llama, LlamaConfig  # noqa: E402
 from fp8train.perf import flops_per_token, mfu, peak_flops  # noqa: E402
 from fp8train.train.parallel import apply_fsdp2, materialize  # noqa: E402
@@ -76,8 +78,12 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Llama(cfg)
+    n_fp8 = 0
     if config is not None:
-        fp8train.convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn != "lm_head")
+        auto = for_current_device().replace(tokens=args.batch * args.seq) if args.auto_filter and cuda else False
+        fp8train.convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn != "lm_head",
+                                            auto_filter=auto)
+        n_fp8 = len(fp8train.conversion_report(model).converted)
     if args.compile:
         for block in model.layers:
             block.compile()
@@ -105,9 +111,9 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
             fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
         return loss.detach()
 
-    timing = timed_steps(step, args.warmup, args.steps, cuda=cuda)
+    sec_per_step, warmup_s, final_loss = time_steps(step, args.warmup, args.steps)
     # the slowest rank sets the pace; memory: the largest rank's
-    worst = torch.tensor([timing["ms_per_step"], torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0],
+    worst = torch.tensor([sec_per_step * 1000, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0],
                          device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     ms, peak_mem = worst.tolist()
@@ -119,9 +125,20 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
         "ms_per_step": ms,
         "mfu_bf16_peak": mfu(tps, flops_per_token(cfg, args.seq), peak) if peak else float("nan"),
         "peak_mem_gib": peak_mem if cuda else float("nan"),
-        "final_loss": timing["final_loss"],
-        "warmup_s": timing["warmup_s"],
+        "final_loss": final_loss,
+        "warmup_s": warmup_s,
+        "fp8_layers": n_fp8,
     }
+
+
+def print_table(title: str, results: dict[str, dict[str, Any]]) -> None:
+    """``case  tok/s  speedup  MFU  peak GiB  fp8 layers``; speedup relative to the bf16 case."""
+    ref = results["bf16"]["tokens_per_s"] if "bf16" in results else float("nan")
+    print(f"\n{title}")
+    print(f"{'case':>16} {'tok/s/GPU':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9} {'fp8 layers':>10}")
+    for name, r in results.items():
+        print(f"{name:>16} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / ref:7.2f}x {r['mfu_bf16_peak']:6.3f} "
+              f"{r['peak_mem_gib']:9.1f} {r['fp8_layers']:10d}")
 
 
 def _init_distributed(cpu: bool) -> torch.device:
@@ -149,6 +166,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager blocks")
+    p.add_argument("--no-auto-filter", dest="auto_filter", action="store_false",
+                   help="convert every linear but lm_head (default: bench_train.py's auto filter on CUDA)")
     p.add_argument("--cpu", action="store_true", help="smoke-test on CPU with gloo (numbers meaningless)")
     p.add_argument("--out", default="bench_fsdp.json")
     args = p.parse_args()
@@ -172,15 +191,15 @@ def main() -> None:
             print(f"{name}: {r['tokens_per_s']:.0f} tok/s/GPU, {r['ms_per_step']:.1f} ms/step, MFU {r['mfu_bf16_peak']:.3f}, "
                   f"peak {r['peak_mem_gib']:.1f} GiB, loss {r['final_loss']:.3f}, warmup {r['warmup_s']:.0f}s", flush=True)
     if rank == 0:
-        meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "world_size": world, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                "commit": git_commit(), "model": args.model, "batch_per_gpu": args.batch, "seq": args.seq,
-                "compile": args.compile}
+        info = meta(world_size=world, model=args.model, batch_per_gpu=args.batch, seq=args.seq,
+                    compile=args.compile, auto_filter=args.auto_filter and device.type == "cuda")
+        if device.type == "cpu":
+            info["device"] = "cpu"
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+            json.dump({"meta": info, "results": results}, f, indent=2)
         optimizer = "fused AdamW" if device.type == "cuda" else "AdamW"
-        print_table(f"{args.model} FSDP2 x {world} ({meta['device']}), batch {args.batch} x seq {args.seq} per GPU, "
-                    f"{optimizer}, {'compiled' if args.compile else 'eager'}, torch {meta['torch']}, {meta['date']}; "
+        print_table(f"{args.model} FSDP2 x {world} ({info['device']}), batch {args.batch} x seq {args.seq} per GPU, "
+                    f"{optimizer}, {'compiled' if args.compile else 'eager'}, torch {info['torch']}, {info['date']}; "
                     f"tok/s and MFU per GPU", results)
     dist.barrier()
     dist.destroy_process_group()

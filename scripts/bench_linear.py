@@ -3,9 +3,10 @@
     python scripts/bench_linear.py [--m 16384] [--recipes tensorwise delayed ...] [--out bench_linear.json]
 
 Each case times ``y = linear(x); y.backward(grad)`` (bf16 weights and activations) under
-``torch.compile``, median over ``--iters`` runs measured with CUDA events after ``--warmup`` runs.
-Delayed recipes sync their amax history between iterations, outside the timed region (as the
-Lightning callback does once per optimizer step). If torchao is importable, ``torchao.float8``'s
+``torch.compile``: ``--iters`` steps queued back to back between CUDA events (as in training, where
+the CPU runs ahead of the GPU), median of 5 such windows, after ``--warmup`` steps; ``--sync-each``
+times every step alone instead (adds each step's CPU launch latency). Delayed recipes run their
+amax/scale sync after every step, inside the timed region (one optimizer step per step). If torchao is importable, ``torchao.float8``'s
 tensorwise and rowwise recipes run side by side (optional; never a dependency).
 The speedup table (bf16 time / case time) is printed last and the raw numbers written as JSON.
 """
@@ -24,24 +25,32 @@ import torch
 import torch.nn as nn
 
 import fp8train
+from fp8train.costmodel import for_current_device
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (1024, 1024)]
 
 
-def _time_ms(step: Callable[[], None], after: Callable[[], None], iters: int, warmup: int) -> float:
+def _time_ms(step: Callable[[], None], after: Callable[[], None], iters: int, warmup: int, sync_each: bool) -> float:
+    """Median ms per training step (``step`` then ``after``, e.g. the delayed-scaling sync).
+
+    Default: ``iters`` steps queued back to back between two CUDA events, as in training, where
+    the CPU runs ahead of the GPU; median of 5 such windows. ``sync_each`` times every step alone
+    after a device sync instead, which adds the CPU launch latency of each step to its time.
+    """
     for _ in range(warmup):
         step()
         after()
     torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
+    for _ in range(iters if sync_each else 5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step()
+        for _ in range(1 if sync_each else iters):
+            step()
+            after()
         end.record()
-        after()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / (1 if sync_each else iters))
     return statistics.median(times)
 
 
@@ -55,13 +64,13 @@ def _make_case(name: str, base: nn.Linear) -> tuple[nn.Module, Callable[[], None
         from torchao.float8 import convert_to_float8_training as ao_convert
 
         return ao_convert(m, config=AoConfig.from_recipe_name(name[len("torchao_"):])), after
-    m = fp8train.convert_to_float8_training(m, config=name)
+    m = fp8train.convert_to_float8_training(m, config=name, auto_filter=False)  # measure every shape
     if m.config.has_delayed:
         after = lambda: fp8train.sync_float8_amax_and_scale_history(m)  # noqa: E731
     return m, after
 
 
-def bench_shape(m_tokens: int, k: int, n: int, cases: list[str], iters: int, warmup: int) -> dict[str, float]:
+def bench_shape(m_tokens: int, k: int, n: int, cases: list[str], iters: int, warmup: int, sync_each: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     base = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(m_tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -77,7 +86,7 @@ def bench_shape(m_tokens: int, k: int, n: int, cases: list[str], iters: int, war
             module.weight.grad = None
             x.grad = None
 
-        out[name] = _time_ms(step, after, iters, warmup)
+        out[name] = _time_ms(step, after, iters, warmup, sync_each)
         del module, compiled
         torch.cuda.empty_cache()
     return out
@@ -90,6 +99,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN pairs")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--sync-each", action="store_true", help="time each step alone (adds launch latency)")
     p.add_argument("--no-torchao", action="store_true", help="skip torchao even if importable")
     p.add_argument("--out", default="bench_linear.json")
     args = p.parse_args()
@@ -107,7 +117,7 @@ def main() -> None:
     results = {}
     for shape in args.shapes:
         k, n = (int(v) for v in shape.split("x"))
-        results[shape] = bench_shape(args.m, k, n, cases, args.iters, args.warmup)
+        results[shape] = bench_shape(args.m, k, n, cases, args.iters, args.warmup, args.sync_each)
         print(f"{shape}: " + ", ".join(f"{c} {t:.3f} ms" for c, t in results[shape].items()), flush=True)
 
     try:
@@ -121,15 +131,19 @@ def main() -> None:
         "commit": commit,
         "m_tokens": args.m,
         "iters": args.iters,
+        "timing": "each step alone" if args.sync_each else "back to back",
     }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "ms": results}, f, indent=2)
 
     print(f"\nfwd+bwd speedup vs bf16 (M={args.m}, {meta['device']}, torch {meta['torch']}, {meta['date']})")
-    header = f"{'K x N':>12} {'bf16 ms':>9} " + " ".join(f"{c:>20}" for c in cases[1:])
+    model = for_current_device().replace(tokens=args.m)
+    header = f"{'K x N':>12} {'bf16 ms':>9} " + " ".join(f"{c:>20}" for c in cases[1:]) + f" {'cost model':>11}"
     print(header)
     for shape, r in results.items():
-        print(f"{shape:>12} {r['bf16']:9.3f} " + " ".join(f"{r['bf16'] / r[c]:19.2f}x" for c in cases[1:]))
+        k, n = (int(v) for v in shape.split("x"))
+        print(f"{shape:>12} {r['bf16']:9.3f} " + " ".join(f"{r['bf16'] / r[c]:19.2f}x" for c in cases[1:])
+              + f" {model.predicted_speedup(k, n):10.2f}x")
 
 
 if __name__ == "__main__":

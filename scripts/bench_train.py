@@ -2,7 +2,8 @@
 
     python scripts/bench_train.py [--model llama_1b] [--batch 8] [--seq 2048] [--recipes tensorwise delayed]
 
-Each case builds the model from the same seed, converts it (every linear but ``lm_head``; bf16 runs
+Each case builds the model from the same seed, converts it (every linear but ``lm_head`` that the
+auto filter keeps, as a user gets by default; ``<recipe>+all`` converts them all; bf16 runs
 unconverted), compiles it, and runs AdamW steps under bf16 autocast on random tokens. After
 ``--warmup`` steps (compilation included) it times ``--steps`` steps with CUDA events and reports
 tokens/s, MFU (model FLOPs from ``fp8train.perf``; the peak is the bf16 dense peak for every case so
@@ -23,62 +24,62 @@ import torch
 import torch.nn.functional as F
 
 import fp8train
+from fp8train.costmodel import for_current_device
 from fp8train.models.llama import Llama, LlamaConfig
 from fp8train.perf import flops_per_token, mfu, peak_flops
 
 
-def timed_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int, cuda: bool = True) -> dict[str, float]:
-    """Run ``warmup`` untimed steps (compilation included), then time ``steps`` steps with CUDA
-    events (``cuda=False``: wall clock, for CPU smoke runs).
-
-    Returns ``ms_per_step``, ``warmup_s`` (wall seconds of the warm-up) and ``final_loss``.
-    """
+def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int) -> tuple[float, float, float]:
+    """Run ``warmup`` untimed then ``steps`` timed calls of ``step`` (CUDA events on a GPU, wall
+    clock otherwise). Returns ``(seconds per step, warm-up seconds, last loss)``."""
+    cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     for _ in range(warmup):
         loss = step()
     sync()
     warmup_s = time.perf_counter() - t0
-    if not cuda:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        return {"ms_per_step": (time.perf_counter() - t0) * 1000 / steps, "warmup_s": warmup_s, "final_loss": float(loss)}
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t1 = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    end.record()
+    if cuda:
+        end.record()
     sync()
-    return {"ms_per_step": start.elapsed_time(end) / steps, "warmup_s": warmup_s, "final_loss": float(loss)}
+    seconds = start.elapsed_time(end) / 1000 if cuda else time.perf_counter() - t1
+    return seconds / steps, warmup_s, float(loss)
 
 
-def git_commit() -> str:
+def meta(**extra: Any) -> dict[str, Any]:
+    """Device, torch version, date and git commit of a benchmark run, plus ``extra``."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        return ""
-
-
-def print_table(title: str, results: dict[str, dict[str, Any]], base: str = "bf16") -> None:
-    """``case  tok/s  speedup  MFU  peak GiB`` rows; speedup is relative to the ``base`` case."""
-    ref = results[base]["tokens_per_s"] if base in results else float("nan")
-    print(f"\n{title}")
-    print(f"{'case':>20} {'tok/s':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9}")
-    for name, r in results.items():
-        print(f"{name:>20} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / ref:7.2f}x "
-              f"{r['mfu_bf16_peak']:6.3f} {r['peak_mem_gib']:9.1f}")
+        commit = ""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "commit": commit, **extra}
 
 
 def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, steps: int) -> dict[str, float]:
+    """One case: ``bf16``, a recipe name (auto filter on, the default on CUDA), or ``<recipe>+all``
+    (every linear but ``lm_head`` converted, auto filter off)."""
+    recipe, _, variant = name.partition("+")
+    cost_model = for_current_device()
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model = Llama(cfg).cuda()
-    if name != "bf16":
-        fp8train.convert_to_float8_training(model, config=name, module_filter_fn=lambda m, fqn: fqn != "lm_head")
-    delayed = name != "bf16" and fp8train.Float8LinearConfig.from_recipe_name(name).has_delayed
+    n_fp8 = 0
+    if recipe != "bf16":
+        auto = False if variant == "all" else cost_model.replace(tokens=batch * seq)
+        fp8train.convert_to_float8_training(model, config=recipe, module_filter_fn=lambda m, fqn: fqn != "lm_head",
+                                            auto_filter=auto)
+        n_fp8 = len(fp8train.conversion_report(model).converted)
+    delayed = recipe != "bf16" and fp8train.Float8LinearConfig.from_recipe_name(recipe).has_delayed
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     compiled = torch.compile(model)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
@@ -95,16 +96,17 @@ def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, ste
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    timing = timed_steps(step, warmup, steps)
-    tps = batch * seq / (timing["ms_per_step"] / 1000)
+    sec_per_step, warmup_s, final_loss = time_steps(step, warmup, steps)
+    tps = batch * seq / sec_per_step
     peak = peak_flops(torch.device("cuda"), fp8=False)
     result = {
         "tokens_per_s": tps,
-        "ms_per_step": timing["ms_per_step"],
+        "ms_per_step": sec_per_step * 1000,
         "mfu_bf16_peak": mfu(tps, flops_per_token(cfg, seq), peak) if peak else float("nan"),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "final_loss": timing["final_loss"],
-        "warmup_s": timing["warmup_s"],
+        "final_loss": final_loss,
+        "warmup_s": warmup_s,
+        "fp8_layers": n_fp8,
     }
     del model, compiled, opt
     return result
@@ -115,7 +117,9 @@ def main() -> None:
     p.add_argument("--model", default="llama_1b", choices=LlamaConfig.names())
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--recipes", nargs="+", default=["tensorwise", "delayed", "rowwise"], choices=fp8train.recipe_names())
+    cases = fp8train.recipe_names() + [f"{r}+all" for r in fp8train.recipe_names()]
+    p.add_argument("--recipes", nargs="+", default=["tensorwise", "delayed", "rowwise"], choices=cases,
+                   help="recipe (auto filter on, as by default on CUDA) or recipe+all (every linear but lm_head)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="bench_train.json")
@@ -129,12 +133,15 @@ def main() -> None:
         r = results[name]
         print(f"{name}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step, MFU {r['mfu_bf16_peak']:.3f}, "
               f"peak {r['peak_mem_gib']:.1f} GiB, loss {r['final_loss']:.3f}, warmup {r['warmup_s']:.0f}s", flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-            "commit": git_commit(), "model": args.model, "batch": args.batch, "seq": args.seq}
+    info = meta(model=args.model, batch=args.batch, seq=args.seq)
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2)
-    print_table(f"{args.model} batch {args.batch} x seq {args.seq}, AdamW, compiled ({meta['device']}, "
-                f"torch {meta['torch']}, {meta['date']})", results)
+        json.dump({"meta": info, "results": results}, f, indent=2)
+    base = results["bf16"]
+    print(f"\n{args.model} batch {args.batch} x seq {args.seq}, AdamW, compiled ({info['device']}, torch {info['torch']}, {info['date']})")
+    print(f"{'case':>20} {'tok/s':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9} {'fp8 layers':>10}")
+    for name, r in results.items():
+        print(f"{name:>20} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / base['tokens_per_s']:7.2f}x "
+              f"{r['mfu_bf16_peak']:6.3f} {r['peak_mem_gib']:9.1f} {r['fp8_layers']:10d}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+import fp8train
 import fp8train.lightning as fl
 from fp8train import Float8Linear, Float8LinearConfig
 from fp8train.lightning import CHECKPOINT_KEY, Float8Training
@@ -105,6 +106,21 @@ def test_environment_check_names_the_fix():
     Float8Training(Float8LinearConfig.from_recipe_name("delayed", emulate=True))._check_environment(Stub())
 
 
+def test_environment_check_lets_mx_fall_back_to_emulation(info_log):
+    class Stub:
+        class strategy:
+            root_device = torch.device("meta")
+
+    Float8Training("mxfp8")._check_environment(Stub())  # type: ignore[arg-type]  # no fp8 kernel needed
+    assert "runs its MX GEMMs on meta emulated" in "\n".join(info_log)
+    # an MX forward with per-tensor backward GEMMs still needs the per-tensor kernels
+    mixed = Float8LinearConfig.from_recipe_name("mxfp8", cast_config_grad_output=fp8train.CastConfig(),
+                                                cast_config_weight_for_grad_input=fp8train.CastConfig(),
+                                                cast_config_input_for_grad_weight=fp8train.CastConfig())
+    with pytest.raises(RuntimeError, match="no 'meta' kernel"):
+        Float8Training(mixed)._check_environment(Stub())  # type: ignore[arg-type]
+
+
 # --- swap timing + metrics in the CSV logger ---------------------------------------------------------------
 @pytest.mark.parametrize(
     "build, recipe, emulate",
@@ -164,6 +180,35 @@ def test_stats_modes(tmp_path, stats):
         for role in ("input", "weight", "grad_output"):
             assert {f"fp8/lm_head/{role}/{s}" for s in ("amax", "scale", "saturation", "underflow")} <= fp8
         assert "fp8/model/underflow_max" in fp8
+
+
+@pytest.mark.parametrize("stats", ["summary", "detailed"])
+def test_mxfp8_stats_report_payload_diagnostics(tmp_path, stats, info_log):
+    from fp8train import diagnostics
+    from fp8train.metrics import mx_payload
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    cb = Float8Training("mxfp8", stats=stats, on_divergence="raise")
+    trainer = make_trainer(tmp_path, [cb], logger=CSVLogger(str(tmp_path)), max_steps=2)
+    trainer.fit(model, loader())  # no raise: MX clamping is not divergence
+    rows = [r for r in read_csv(tmp_path) if r.get("fp8/model/divergence_events")]
+    keys = {k for r in rows for k, v in r.items() if v}
+    assert "runs its MX GEMMs on cpu emulated" in "\n".join(info_log)
+    # wasted bits of the MX payload: the mean over blocks, as fp8train.diagnostics measures it; the
+    # last logged value is of the weights after the last optimizer step, i.e. the final weights
+    layer = model.net[0]
+    want = float(diagnostics.wasted_bits(mx_payload(layer.weight.detach(), layer.config.cast_config_weight)))
+    assert float(rows[-1]["fp8/net.0/weight/wasted_bits"]) == pytest.approx(want, abs=1e-5)
+    assert not any(k.endswith("/scale") for k in keys)  # one scale per block: no single scale to log
+    if stats == "summary":
+        assert "fp8/net.0/weight/amax" in keys and "fp8/net.0/input/wasted_bits" not in keys
+    else:
+        for role in ("input", "weight", "grad_output"):
+            assert {f"fp8/lm_head/{role}/{s}" for s in ("amax", "wasted_bits", "saturation", "underflow")} <= keys
+        # net.2 = nn.Linear(64, 32): weights uniform in (-1/8, 1/8), ~9% clamped; reported, not an event
+        assert float(rows[-1]["fp8/net.2/weight/saturation"]) > 0.05
+        assert float(rows[-1]["fp8/model/divergence_events"]) == 0
 
 
 def test_tensorboard_logger_gets_fp8_metrics(tmp_path):

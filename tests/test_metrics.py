@@ -178,3 +178,53 @@ def test_saturation_only_probe_agrees_with_the_full_one():
     m.update(probe=cheap)
     out = m.compute()
     assert torch.isfinite(out["saturation"]).all() and torch.isnan(out["amax"]).all()
+
+
+def test_probe_measures_mx_operands_on_their_payload():
+    """mxfp8: wasted bits and underflow come from fp8train.diagnostics on the MX payload (blocks
+    along each operand's first GEMM's inner dim); saturation counts what the OCP scale rule clamps."""
+    from fp8train.mx import to_mx
+
+    layer = _layer("mxfp8")  # nn.Linear's uniform(-1/8, 1/8) weight init: its top binade is clamped
+    x = torch.randn(2, 8, 64) * torch.exp2(torch.randint(-8, 8, (2, 8, 1)).float())
+    x[0, :, :4] *= 1e-9  # underflow within otherwise large blocks
+    x.requires_grad_()
+    grads = {}
+    layer.register_full_backward_pre_hook(lambda m, go: grads.update(go=go[0].detach().clone()))
+    probe = OperandProbe([layer], [(True, True, True)])
+    probe.attach()
+    layer(x).pow(2).sum().backward()
+    probe.detach()
+    res = probe.result()
+    operands = [x.detach().reshape(-1, 64), layer.weight.detach(), grads["go"].reshape(-1, 32)]
+    for r, t in enumerate(operands):
+        mx = to_mx(t, "fp8_e4m3", 32)
+        assert res.wasted_n[0, r] == 1
+        assert res.wasted_sum[0, r] == diagnostics.wasted_bits(mx)
+        assert res.underflow[0, r] / res.nonzero[0, r] == diagnostics.underflow_fraction(t, mx)
+        # clamped: |x| / 2**e above 448 + half an ulp (464), e from each block's E8M0 byte
+        e = mx.scale_e8m0.to(torch.float32).repeat_interleave(32, dim=-1)[:, : t.shape[-1]] - 127
+        assert res.saturated[0, r] == (t.abs() * torch.exp2(-e) > 464).sum()
+        assert res.amax[0, r] == t.abs().amax() and torch.isinf(res.scale[0, r])  # no single scale
+    assert res.underflow[0, 0] > 0
+    # uniform(-1/8, 1/8): a block's amax just under 2**-3 gets e = -12, clamping |w| > 464 * 2**-12:
+    # ~9% of the elements (measured 9.9%)
+    assert 0.07 < res.saturated[0, 1] / res.numel[0, 1] < 0.12
+
+    m = Float8Stats([[E4M3, E4M3, E4M3]])
+    m.update(probe=res)
+    out = m.compute()
+    assert torch.equal(out["wasted_bits"][0], res.wasted_sum[0])  # the payload's, not from an amax
+    assert torch.isnan(out["scale"]).all() and torch.isfinite(out["underflow"]).all()
+
+
+def test_float8_stats_averages_measured_wasted_bits():
+    m = Float8Stats([[E4M3, E4M3, E5M2]])
+    nan = math.nan
+    m.update(amax=torch.tensor([[1.0, 1.0, 1.0]]), scale=torch.tensor([[448.0, 448.0, 1.0]]))
+    m.update(wasted_bits=torch.tensor([[nan, 2.0, nan]]))
+    m.update(wasted_bits=torch.tensor([[nan, 3.0, nan]]))
+    out = m.compute()["wasted_bits"][0].tolist()
+    assert out[0] == 0.0  # from amax * scale = 448
+    assert out[1] == 2.5  # measured values win over the amax-derived one
+    assert out[2] == pytest.approx(math.log2(57344.0))

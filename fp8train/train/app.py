@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -32,6 +33,7 @@ from fp8train.data.datamodule import TokenDataModule
 from fp8train.lightning import Float8Training
 from fp8train.linear import Float8Linear
 from fp8train.models.llama import Llama, LlamaConfig
+from fp8train.mx_ops import mx_runs_native
 from fp8train.train.module import LlamaLightningModule, OptimConfig
 from fp8train.train.summary import RunSummary
 
@@ -190,6 +192,11 @@ def build(cfg: DictConfig) -> Run:
             callbacks.append(fp8_cb)
         loggers = [_instantiate(f"logger.{name}", node) for name, node in cfg.logger.items() if node is not None]
         trainer = _instantiate("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        if optim.fp8_reduce_scatter and not isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ConfigError(
+                f"optim.fp8_reduce_scatter=true needs FSDP2 (trainer=fsdp2), not {type(trainer.strategy).__name__}; "
+                f"set optim.fp8_reduce_scatter=false"
+            )
         datamodule = _data(cfg, model, trainer.world_size, trainer.accumulate_grad_batches)
     except OmegaConfBaseException as e:  # e.g. an interpolation that cannot resolve
         raise ConfigError(str(e)) from None
@@ -228,7 +235,7 @@ def train(cfg: DictConfig, started: float | None = None) -> RunSummary:
         model=cfg.model.name,
         params=n_params,
         fp8_recipe=cfg.fp8.recipe.value if cfg.fp8.recipe is not None else "off",
-        fp8_emulated=bool(run.fp8 is not None and run.fp8.emulate),
+        fp8_emulated=_emulated(run.fp8, trainer.strategy.root_device),
         fp8_layers=len(report.converted) if report is not None else 0,
         fp8_skipped=sorted(report.skipped) if report is not None else [],
         fp8_fallback=sorted(run.fp8_callback.fallback_layers) if run.fp8_callback is not None else [],
@@ -260,6 +267,13 @@ def train(cfg: DictConfig, started: float | None = None) -> RunSummary:
         print(summary.format(), flush=True)
         summary.write(run.output_dir / "summary.json")
     return summary
+
+
+def _emulated(fp8: Float8LinearConfig | None, device: torch.device) -> bool:
+    """Whether the fp8 GEMMs were emulated (asked for, or MX GEMMs on hardware without them)."""
+    if fp8 is None:
+        return False
+    return fp8.emulate or (fp8.has_mx and not mx_runs_native(fp8, device))
 
 
 def _metrics_csv(trainer: L.Trainer) -> str | None:

@@ -42,13 +42,19 @@ from typing_extensions import override
 from fp8train.lightning import Float8Training
 from fp8train.linear import Float8Linear
 from fp8train.models.llama import Llama, LlamaConfig
+from fp8train.optim import SECOND_MOMENT_FORMATS, AdamWFp8
 from fp8train.perf import flops_per_token, mfu, peak_flops
+from fp8train.reduce_scatter import enable_fp8_reduce_scatter
 from fp8train.train.parallel import apply_fsdp2, materialize
 
 __all__ = ["OptimConfig", "LlamaLightningModule", "lr_lambda"]
 
 #: Final train loss in the summary: mean over this many last steps (one step is noisy).
 LOSS_TAIL = 20
+
+
+#: ``OptimConfig.name`` choices
+OPTIMIZERS = ("adamw", "adamw_fp8")
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
@@ -62,7 +68,8 @@ def _is_number(v: Any) -> bool:
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine decay to
-    ``min_lr_ratio * lr`` at the last step.
+    ``min_lr_ratio * lr`` at the last step; ``name="adamw_fp8"`` keeps the moments in fp8/bf16
+    (``fp8train.optim.AdamWFp8``: 3.03 bytes of state per parameter instead of 8).
 
     Weight decay applies to matrices (parameters with 2+ dims: linears and the embedding); norm
     weights are not decayed.
@@ -74,6 +81,13 @@ class OptimConfig:
         eps: Adam's epsilon (> 0).
         warmup_steps: optimizer steps of linear warmup (>= 0).
         min_lr_ratio: the learning rate at the end, as a fraction of ``lr``, in [0, 1].
+        name: ``"adamw"`` (``torch.optim.AdamW``) or ``"adamw_fp8"`` (``AdamWFp8``).
+        block_size: ``adamw_fp8``: elements per fp8 scale.
+        second_moment: ``adamw_fp8``: ``"bf16"`` or ``"fp8"``.
+        stochastic_rounding: ``adamw_fp8``: round stored moments stochastically.
+        compile: ``adamw_fp8``: ``torch.compile`` its per-parameter update (recommended on GPU).
+        fp8_reduce_scatter: FSDP2 only: reduce-scatter gradients as fp8 with fp32 accumulation
+            (``fp8train.reduce_scatter``); off by default.
 
     Raises:
         ValueError: naming the field, its value and what is valid.
@@ -85,6 +99,12 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
+    name: str = "adamw"
+    block_size: int = 128
+    second_moment: str = "bf16"
+    stochastic_rounding: bool = True
+    compile: bool = False
+    fp8_reduce_scatter: bool = False
 
     def __post_init__(self) -> None:
         if not _is_number(self.lr) or self.lr <= 0:
@@ -101,6 +121,15 @@ class OptimConfig:
             _fail("warmup_steps", self.warmup_steps, "an integer >= 0")
         if not _is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
             _fail("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        if self.name not in OPTIMIZERS:
+            _fail("name", self.name, f"one of {list(OPTIMIZERS)}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            _fail("block_size", self.block_size, "an integer >= 1")
+        if self.second_moment not in SECOND_MOMENT_FORMATS:
+            _fail("second_moment", self.second_moment, f"one of {list(SECOND_MOMENT_FORMATS)}")
+        for flag in ("stochastic_rounding", "compile", "fp8_reduce_scatter"):
+            if not isinstance(getattr(self, flag), bool):
+                _fail(flag, getattr(self, flag), "true or false")
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -194,6 +223,10 @@ class LlamaLightningModule(L.LightningModule):
         if self.model is not None:
             return
         mesh = self.device_mesh
+        if mesh is None and self.optim_config.fp8_reduce_scatter:
+            raise ValueError(
+                "OptimConfig.fp8_reduce_scatter=True needs FSDP2 (trainer=fsdp2); set it to false for this strategy"
+            )
         if mesh is None:
             self.model = Llama(self.model_config)
             self._compile()
@@ -204,6 +237,8 @@ class LlamaLightningModule(L.LightningModule):
         self._convert_fp8_before_sharding()
         self._compile()
         apply_fsdp2(self.model, mesh, self.trainer.precision)
+        if self.optim_config.fp8_reduce_scatter:
+            enable_fp8_reduce_scatter(self.model)
         materialize(self.model, self.trainer.strategy.root_device)
 
     def _compile(self) -> None:
@@ -260,9 +295,15 @@ class LlamaLightningModule(L.LightningModule):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # not fused=True: Lightning's AMP plugin refuses gradient clipping with a fused optimizer
-        # (it unscales internally); the default multi-tensor (foreach) path is close in speed
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        if o.name == "adamw_fp8":
+            optimizer: torch.optim.Optimizer = AdamWFp8(
+                groups, lr=o.lr, betas=o.betas, eps=o.eps, block_size=o.block_size,
+                second_moment=o.second_moment, stochastic_rounding=o.stochastic_rounding, compile=o.compile,
+            )
+        else:
+            # not fused=True: Lightning's AMP plugin refuses gradient clipping with a fused optimizer
+            # (it unscales internally); the default multi-tensor (foreach) path is close in speed
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError(

@@ -203,7 +203,8 @@ class DataConf:
 
 @dataclass
 class OptimConf:
-    """``optim:``: AdamW with linear warmup then cosine decay (see ``fp8train.train.OptimConfig``)."""
+    """``optim:``: AdamW (``adamw``) or AdamW with fp8 states (``adamw_fp8``), linear warmup then
+    cosine decay (see ``fp8train.train.OptimConfig``, which validates the values)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -211,6 +212,12 @@ class OptimConf:
     eps: float = 1e-8
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
+    name: str = "adamw"
+    block_size: int = 128
+    second_moment: str = "bf16"
+    stochastic_rounding: bool = True
+    compile: bool = False
+    fp8_reduce_scatter: bool = False
 
 
 @dataclass

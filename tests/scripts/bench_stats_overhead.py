@@ -76,7 +76,7 @@ def run(args, recipe: str, stats: str | None, guard: int | None, log_every: int)
     cbs: list[Callback] = [timer]
     if stats is not None:
         cfg = Float8LinearConfig.from_recipe_name(recipe, emulate=args.emulate)
-        cbs.insert(0, Float8Training(cfg, stats=stats, guard_every_n_steps=guard))
+        cbs.insert(0, Float8Training(cfg, stats=stats, guard_every_n_steps=guard, auto_filter=False))
     trainer = L.Trainer(accelerator=args.device, devices=1, max_steps=args.steps, log_every_n_steps=log_every,
                         callbacks=cbs, logger=NullLogger(), enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
@@ -97,7 +97,7 @@ def micro(args) -> None:
     for recipe in args.recipes.split(","):
         torch.manual_seed(0)
         cfg = Float8LinearConfig.from_recipe_name(recipe, emulate=args.emulate)
-        model = convert_to_float8_training(MLP(args.dim, args.layers).net.to(args.device), config=cfg)
+        model = convert_to_float8_training(MLP(args.dim, args.layers).net.to(args.device), config=cfg, auto_filter=False)
         layers = [m for m in model.modules() if hasattr(m, "fp8_enabled")]
         x = torch.randn(args.tokens, args.dim, device=args.device)
         delayed = [tuple(getattr(m.config, f"cast_config_{r}").scaling_type.value == "delayed"

@@ -1,0 +1,67 @@
+"""The cost model behind the auto filter, and the filter in the swap and the callback."""
+
+import pytest
+import torch.nn as nn
+
+import fp8train
+from fp8train.costmodel import H100, GemmCostModel
+
+
+def test_h100_model_matches_measured_shapes():
+    # measured on the H100 (docs/BENCHMARKS.md, back to back, M=16384): 1024x1024 loses, 8192x8192 wins
+    assert H100.predicted_speedup(1024, 1024) < 1.0
+    assert H100.predicted_speedup(4096, 4096) > 1.2
+    assert H100.predicted_speedup(8192, 8192) > H100.predicted_speedup(4096, 4096)
+    # the saving grows with K*N, the cast cost with K+N: larger layers always predict better
+    assert H100.predicted_speedup(4096, 14336) > H100.predicted_speedup(2048, 8192)
+    bf16, fp8 = H100.step_seconds(4096, 4096, tokens=16384)
+    assert bf16 == pytest.approx(6 * 16384 * 4096 * 4096 / H100.bf16_flops)
+    assert fp8 > bf16 / H100.gemm_speedup
+
+
+def test_skip_reason_names_shape_and_escape_hatch():
+    assert H100.skip_reason(8192, 8192) is None
+    reason = H100.skip_reason(1024, 1024)
+    assert "1024x1024" in reason and "auto_filter=False" in reason and "H100" in reason
+
+
+@pytest.mark.parametrize("field,value", [("bf16_flops", 0), ("gemm_speedup", -1.0), ("tokens", True),
+                                         ("s_fixed", -1e-6), ("min_speedup", "fast")])
+def test_bad_cost_model_fields_fail_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"GemmCostModel.{field}="):
+        H100.replace(**{field: value})
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 8192), nn.ReLU(), nn.Linear(8192, 8192))
+
+
+def test_auto_filter_keeps_small_layers_in_high_precision():
+    m = fp8train.convert_to_float8_training(_mlp(), config="tensorwise", auto_filter=True)
+    report = fp8train.conversion_report(m)
+    assert isinstance(m[0], nn.Linear) and not isinstance(m[0], fp8train.Float8Linear)
+    assert isinstance(m[4], fp8train.Float8Linear)
+    assert "auto filter" in report.skipped["0"] and "4" in report.converted
+
+
+def test_auto_filter_default_is_off_without_cuda_and_can_be_forced_off():
+    m = fp8train.convert_to_float8_training(nn.Sequential(nn.Linear(64, 64)), config="tensorwise")
+    assert isinstance(m[0], fp8train.Float8Linear)  # CPU: fp8 runs for its numerics, nothing filtered
+    m = fp8train.convert_to_float8_training(_mlp(), config="tensorwise", auto_filter=False)
+    assert all(isinstance(m[i], fp8train.Float8Linear) for i in (0, 2, 4))
+
+
+def test_auto_filter_with_a_custom_model():
+    never = GemmCostModel("slow-cast GPU", 1e15, 1.8, 1e-9, 0.0, 0.0)
+    m = fp8train.convert_to_float8_training(_mlp(), config="tensorwise", auto_filter=never)
+    assert not any(isinstance(x, fp8train.Float8Linear) for x in m)
+    assert "slow-cast GPU" in fp8train.conversion_report(m).skipped["4"]
+
+
+def test_bad_auto_filter_value_fails_early():
+    with pytest.raises(ValueError, match="auto_filter='yes'"):
+        fp8train.convert_to_float8_training(_mlp(), auto_filter="yes")
+    from fp8train.lightning import Float8Training
+
+    with pytest.raises(ValueError, match=r"Float8Training\(auto_filter=1\)"):
+        Float8Training(auto_filter=1)
