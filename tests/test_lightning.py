@@ -256,6 +256,8 @@ def test_wandb_offline_run_contains_fp8_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # no state shared with other
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))                # wandb users of this machine
     wandb.finish()  # a run left open by an earlier test would be reused by WandbLogger
     torch.manual_seed(0)
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="fp8train-test")
