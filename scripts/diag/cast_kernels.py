@@ -146,7 +146,23 @@ def main():
     def piece_gw(g, xx):
         return scaled_mm_operands(castdim0(g).t(), castdim0(xx), ScaledMMConfig(), torch.bfloat16)
 
+    def castdim1(t):
+        sc = amax_to_scale(tensor_amax(t, -1), E4, True)
+        return Fp8Operand(saturated_cast(t, sc, E4), sc)
+
+    w = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def piece_both(g, xx):  # layer-2 backward: grad_output cast along N (grad_input) and along M (grad_weight)
+        gw = scaled_mm_operands(castdim0(g).t(), castdim0(xx), ScaledMMConfig(), torch.bfloat16)
+        wt = castdim0(w)  # weight as the grad_input GEMM's right operand, reduced along N
+        gi = scaled_mm_operands(castdim1(g), wt, ScaledMMConfig(), torch.bfloat16)
+        return gw, gi
+
     ref_hp = go.float().t() @ x.float()
+    e_gw, e_gi = piece_both(go, x)
+    torch._dynamo.reset()
+    c_gw, c_gi = torch.compile(piece_both)(go, x)
+    print(f"  both casts of go    grad_weight equal={torch.equal(e_gw, c_gw)}  grad_input equal={torch.equal(e_gi, c_gi)}")
     for name, fn, args in [("cast dim0 + t", piece_cast_t, (go,)), ("grad_weight gemm", piece_gw, (go, x))]:
         e = fn(*args)
         torch._dynamo.reset()
