@@ -201,23 +201,24 @@ class DataConf:
     embedded_max_bytes: int = 32 * 2**20
 
 
-@dataclass
-class OptimConf:
-    """``optim:``: AdamW (``adamw``) or AdamW with fp8 states (``adamw_fp8``), linear warmup then
-    cosine decay (see ``fp8train.train.OptimConfig``, which validates the values)."""
+def _make_optim_conf() -> type:
+    """``OptimConf`` from ``OptimConfig``'s fields (tuples become lists: OmegaConf has no tuples)."""
+    from fp8train.train.module import OptimConfig
 
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    name: str = "adamw"
-    block_size: int = 128
-    second_moment: str = "bf16"
-    stochastic_rounding: bool = True
-    compile: bool = False
-    fp8_reduce_scatter: bool = False
+    hints = typing.get_type_hints(OptimConfig)
+    fields = []
+    for f in dataclasses.fields(OptimConfig):
+        kind, default = hints[f.name], f.default
+        if typing.get_origin(kind) is tuple:
+            kind, default = List[float], list(default)
+        fields.append((f.name, _omegaconf_type(kind) if kind in _PRIMITIVES else kind, _default_field(default)))
+    return dataclasses.make_dataclass("OptimConf", fields)
+
+
+#: ``optim:``: AdamW (``adamw``) or AdamW with fp8 states (``adamw_fp8``), linear warmup then cosine
+#: decay; one field per ``fp8train.train.OptimConfig`` field (which validates the values).
+OptimConf = _make_optim_conf()
+OptimConf.__module__ = __name__
 
 
 @dataclass
