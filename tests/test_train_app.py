@@ -147,6 +147,16 @@ def test_fp8_overrides_reach_float8_linear_config():
     assert fp8_config(_compose(["fp8=rowwise"]), cpu=False).emulate is False
 
 
+def test_fp8_auto_filter_reaches_the_callback():
+    from fp8train.train.app import _fp8_callback
+
+    config = Float8LinearConfig.from_recipe_name("tensorwise")
+    assert _fp8_callback(_compose([]), config).auto_filter is None  # default: on iff training on CUDA
+    assert _fp8_callback(_compose(["fp8.auto_filter=false"]), config).auto_filter is False
+    with pytest.raises(Exception, match="fp8.auto_filter"):
+        _compose(["fp8.auto_filter=sometimes"])
+
+
 @pytest.mark.parametrize(
     "override, words",
     [
