@@ -120,20 +120,21 @@ def main() -> None:
     cases = fp8train.recipe_names() + [f"{r}+all" for r in fp8train.recipe_names()]
     p.add_argument("--recipes", nargs="+", default=["tensorwise", "delayed", "rowwise"], choices=cases,
                    help="recipe (auto filter on, as by default on CUDA) or recipe+all (every linear but lm_head)")
+    p.add_argument("--fuse-projections", action="store_true", help="LlamaConfig.fuse_projections: wqkv and w13 GEMMs")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="bench_train.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
-    cfg = LlamaConfig.from_name(args.model, max_seq_len=max(args.seq, 1))
+    cfg = LlamaConfig.from_name(args.model, max_seq_len=max(args.seq, 1), fuse_projections=args.fuse_projections)
     results = {}
     for name in ["bf16"] + args.recipes:
         results[name] = run_case(name, cfg, args.batch, args.seq, args.warmup, args.steps)
         r = results[name]
         print(f"{name}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step, MFU {r['mfu_bf16_peak']:.3f}, "
               f"peak {r['peak_mem_gib']:.1f} GiB, loss {r['final_loss']:.3f}, warmup {r['warmup_s']:.0f}s", flush=True)
-    info = meta(model=args.model, batch=args.batch, seq=args.seq)
+    info = meta(model=args.model, batch=args.batch, seq=args.seq, fuse_projections=args.fuse_projections)
     with open(args.out, "w") as f:
         json.dump({"meta": info, "results": results}, f, indent=2)
     base = results["bf16"]

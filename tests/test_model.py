@@ -251,3 +251,47 @@ def test_compile_fullgraph_with_checkpointing_and_autocast():
         logits = compiled(tokens)
     F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
     assert model.layers[0].attention.wq.weight.grad is not None
+
+
+def test_fused_projections_compute_the_same_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_name("llama_tiny", n_kv_heads=2)
+    plain = Llama(cfg)
+    fused = Llama(dataclasses.replace(cfg, fuse_projections=True))
+    state = {}
+    for k, v in plain.state_dict().items():
+        if k.endswith(("attention.wk.weight", "attention.wv.weight", "feed_forward.w3.weight")):
+            continue
+        if k.endswith("attention.wq.weight"):
+            p = k[: -len("wq.weight")]
+            state[p + "wqkv.weight"] = torch.cat([v] + [plain.state_dict()[p + n + ".weight"] for n in ("wk", "wv")])
+        elif k.endswith("feed_forward.w1.weight"):
+            state[k.replace("w1.weight", "w13.weight")] = torch.cat([v, plain.state_dict()[k.replace("w1", "w3")]])
+        else:
+            state[k] = v
+    fused.load_state_dict(state)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+    torch.testing.assert_close(fused(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+    assert fused.layers[0].attention.wqkv.weight.shape == (128 + 2 * 64, 128)
+
+
+def test_fused_projections_convert_and_pass_the_auto_filter():
+    import fp8train
+    from fp8train.costmodel import H100
+
+    with torch.device("meta"):
+        plain = Llama(LlamaConfig.from_name("llama_1b"))
+        fused = Llama(LlamaConfig.from_name("llama_1b", fuse_projections=True))
+    cost = H100.replace(tokens=16384)
+    for m in (plain, fused):
+        fp8train.convert_to_float8_training(m, config="tensorwise", auto_filter=cost,
+                                            module_filter_fn=lambda mod, fqn: fqn != "lm_head")
+    # unfused, the 2048x2048 q/k/v/o projections stay bf16; fused, the 2048x6144 wqkv converts
+    assert "auto filter" in fp8train.conversion_report(plain).skipped["layers.0.attention.wq"]
+    assert "layers.0.attention.wqkv" in fp8train.conversion_report(fused).converted
+    assert "layers.0.feed_forward.w13" in fp8train.conversion_report(fused).converted
+
+
+def test_fuse_projections_must_be_bool():
+    with pytest.raises(ValueError, match="LlamaConfig.fuse_projections=1"):
+        LlamaConfig(fuse_projections=1)

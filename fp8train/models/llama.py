@@ -5,8 +5,8 @@ The model knows nothing of fp8 or of parallelism. Every projection is a plain ``
 without bias, so transforms applied afterwards (fp8 module swap, tensor parallel, FSDP) find them
 by name::
 
-    layers.{i}.attention.wq / wk / wv / wo
-    layers.{i}.feed_forward.w1 / w2 / w3
+    layers.{i}.attention.wq / wk / wv / wo   (fuse_projections: wqkv / wo)
+    layers.{i}.feed_forward.w1 / w2 / w3     (fuse_projections: w13 / w2)
     lm_head
 
 Shapes used below: ``B`` batch, ``T`` sequence length, ``D`` model dim, ``H`` query heads,
@@ -77,6 +77,11 @@ class LlamaConfig:
             activations (training mode only).
         init_std: standard deviation of the normal weight init; the two projections that write
             into the residual stream (``wo``, ``w2``) use ``init_std / sqrt(2 * n_layers)``.
+        fuse_projections: one ``wqkv`` linear for the query, key and value projections and one
+            ``w13`` for the SwiGLU gate and up projections: the same model with fewer, wider GEMMs
+            (for fp8: the block input cast once per GEMM instead of three times, and layers wide
+            enough for the auto filter to convert). Changes the parameter names (checkpoints of
+            the unfused model do not load).
 
     Raises:
         ValueError: naming the field, its value and what is valid.
@@ -96,6 +101,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     activation_checkpointing: bool = False
     init_std: float = 0.02
+    fuse_projections: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "ffn_hidden_dim", "max_seq_len"):
@@ -105,7 +111,7 @@ class LlamaConfig:
         _check_pos_int("n_kv_heads", self.n_kv_heads)
         for name in ("rope_theta", "norm_eps", "init_std"):
             _check_pos_float(name, getattr(self, name))
-        for name in ("tie_embeddings", "activation_checkpointing"):
+        for name in ("tie_embeddings", "activation_checkpointing", "fuse_projections"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         if self.dim % self.n_heads != 0:
@@ -256,17 +262,26 @@ class Attention(nn.Module):
         super().__init__()
         assert cfg.n_kv_heads is not None  # set by LlamaConfig.__post_init__; narrows the type
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.qkv_dims = (q_dim, kv_dim, kv_dim)
+        if cfg.fuse_projections:
+            self.wqkv = nn.Linear(cfg.dim, q_dim + 2 * kv_dim, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, q_dim, bias=False)
+            self.wk = nn.Linear(cfg.dim, kv_dim, bias=False)
+            self.wv = nn.Linear(cfg.dim, kv_dim, bias=False)
+        self.wo = nn.Linear(q_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, T, D]``; ``cos, sin``: ``[T, Dh // 2]`` -> ``[B, T, D]``."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "wqkv"):
+            q, k, v = self.wqkv(x).split(self.qkv_dims, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         n_rep = self.n_heads // self.n_kv_heads
         if n_rep > 1:
@@ -280,17 +295,25 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: ``w2(silu(w1(x)) * w3(x))`` with ``w1, w3: D -> F`` (gate, up), ``w2: F -> D``."""
+    """SwiGLU: ``w2(silu(w1(x)) * w3(x))`` with ``w1, w3: D -> F`` (gate, up), ``w2: F -> D``;
+    ``fused``: one ``w13: D -> 2F`` (gate rows first, then up)."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, fused: bool = False) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        if fused:
+            self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        else:
+            self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+            self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` -> ``[..., D]``."""
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if hasattr(self, "w13"):
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -301,7 +324,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim, cfg.fuse_projections)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, T, D]`` -> ``[B, T, D]``."""
