@@ -56,7 +56,9 @@ class _Plan:
     use_stored_scales: bool  # delayed operands use their stored scale (False until the first sync)
     need_grad_input: bool  # input.requires_grad, read outside the autograd function: some torch
     need_grad_weight: bool  # versions trace ctx.needs_input_grad wrongly under torch.compile
-    record_amax: bool  # training mode: eval/validation forwards must not move delayed scales
+    record_amax: bool  # input/weight: training mode, and not an activation-checkpoint recompute
+    record_grad_amax: bool  # grad_output: training mode (also when this forward is a recompute:
+    # reentrant checkpointing runs backward through the recompute's graph)
     weight_cache: str = "off"  # "fill": cast the weight and store it; "reuse": use the stored cast
 
 
@@ -81,7 +83,7 @@ def _cast(
         return mx_cast(t, cfg, reduce_dim)
     pow2 = plan.config.round_scales_to_power_of_2
     if cfg.scaling_type is ScalingType.DELAYED and scale is not None:
-        if amax is not None and plan.record_amax:
+        if amax is not None and (plan.record_grad_amax if role is GRAD_OUTPUT else plan.record_amax):
             record_amax(amax, t)
         if plan.use_stored_scales:
             return Fp8Operand(saturated_cast(t, scale, cfg.target_dtype), scale)
@@ -185,6 +187,11 @@ class _Float8LinearFn(torch.autograd.Function):
         x_keep = Fp8Operand(saved.pop(0), saved.pop(0)) if ctx.x_fp8 else saved.pop(0)
         w_keep = Fp8Operand(saved.pop(0), saved.pop(0)) if ctx.w_fp8 else saved.pop(0)
         amax_go, scale_go = saved
+        if amax_go is not None and not torch.compiler.is_compiling():
+            # update the buffer through .data: an in-place update of the saved tensor itself would
+            # bump its autograd version and fail the backward of an earlier call of this layer
+            # (a layer applied twice in one step)
+            amax_go = amax_go.data
         plan: _Plan = ctx.plan
         cfg = plan.config
         x_dtype, w_dtype = ctx.dtypes
@@ -297,6 +304,7 @@ class Float8Linear(nn.Linear):
             need_grad_input=input.requires_grad,
             need_grad_weight=weight.requires_grad,
             record_amax=self.training and not _in_backward_recompute(),
+            record_grad_amax=self.training,
             weight_cache=self.weight_cast_cache if self.training else "off",
         )
         x = input.reshape(-1, input.shape[-1]).to(compute_dtype)

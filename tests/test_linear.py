@@ -215,6 +215,36 @@ def test_activation_checkpointing_recompute_records_no_amax(monkeypatch):
     assert plain == 6 and len(calls) == 6
 
 
+def test_reentrant_activation_checkpointing_records_grad_output_amax():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    a = fp8train.convert_to_float8_training(copy.deepcopy(base), config="delayed")
+    b = fp8train.convert_to_float8_training(copy.deepcopy(base), config="delayed")
+    x = torch.randn(16, 32, requires_grad=True)
+    for _ in range(3):
+        a(x).sum().backward()
+        checkpoint(b, x, use_reentrant=True).sum().backward()
+        fp8train.sync_float8_amax_and_scale_history(a)
+        fp8train.sync_float8_amax_and_scale_history(b)
+    assert b[0].fp8_amax_history_grad_output[0] > 0  # the backward through the recompute recorded it
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), ka
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_delayed_layer_applied_twice_in_one_step(compiled):
+    torch.manual_seed(0)
+    m = fp8train.convert_to_float8_training(nn.Linear(32, 32), config="delayed")
+    f = torch.compile(m, fullgraph=True) if compiled else m
+    x = torch.randn(16, 32)
+    for _ in range(2):
+        f(f(x)).sum().backward()  # the second call's backward updates amax_grad_output first
+        fp8train.sync_float8_amax_and_scale_history(m)
+    assert m.fp8_amax_history_grad_output[0] > 0 and torch.isfinite(m.weight.grad).all()
+
+
 def test_disabled_layer_runs_high_precision():
     torch.manual_seed(0)
     lin = nn.Linear(32, 16)
