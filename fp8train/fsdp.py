@@ -256,6 +256,17 @@ def enable_float8_all_gather(module: nn.Module) -> None:
         module._fp8train_plain_state_dict = True
 
 
+_INDEX: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    # cached: torch.tensor(list, device="cuda") copies from pageable memory, a host-GPU sync
+    key = (tuple(rows), device)
+    if key not in _INDEX:
+        _INDEX[key] = torch.tensor(rows, dtype=torch.long, device=device)
+    return _INDEX[key]
+
+
 @torch.no_grad()
 def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> int:
     """Compute the fp8 all-gather scale of every dynamically scaled, FSDP2-sharded weight at once.
@@ -293,16 +304,29 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> int:
     for mesh, layers in by_mesh.items():
         wrappers = [m.weight._local_tensor for m in layers]
         shards = [w._tensor for w in wrappers]
-        amax = torch.stack(torch._foreach_norm(shards, float("inf"))).to(torch.float32)
+        # _foreach_norm rejects empty tensors, and uneven FSDP2 shards can leave a rank with none:
+        # those contribute 0 to the MAX all-reduce (every rank must join it)
+        full = [i for i, t in enumerate(shards) if t.numel() > 0]
+        amax = torch.zeros(len(shards), dtype=torch.float32, device=shards[0].device)
+        if full:
+            norms = torch._foreach_norm([shards[i] for i in full], float("inf"))
+            if len(full) == len(shards):
+                amax = torch.stack(norms).to(torch.float32)
+            else:
+                amax = amax.index_put((_index(full, amax.device),), torch.stack(norms).to(torch.float32))
         for dim in range(mesh.ndim):
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
         # amax_to_scale on the whole vector (one call per distinct setting, usually one): the same
         # arithmetic as a cast's own scale, so precomputing changes no bit of the result
         keys = [(m.config.cast_config_weight.target_dtype, m.config.round_scales_to_power_of_2) for m in layers]
-        scales = torch.empty_like(amax)
-        for key in dict.fromkeys(keys):
-            idx = torch.tensor([i for i, k in enumerate(keys) if k == key], device=amax.device)
-            scales[idx] = amax_to_scale(amax[idx], *key)
+        distinct = list(dict.fromkeys(keys))
+        if len(distinct) == 1:
+            scales = amax_to_scale(amax, *distinct[0])
+        else:
+            scales = torch.empty_like(amax)
+            for key in distinct:
+                idx = _index([i for i, k in enumerate(keys) if k == key], amax.device)
+                scales[idx] = amax_to_scale(amax[idx], *key)
         for w, s in zip(wrappers, scales.unbind(0)):
             w._precomputed_scale = s
             w._precomputed_at = (_STEPS.count, w._version)
