@@ -311,18 +311,17 @@ class AdamWFp8(torch.optim.Optimizer):
         """Load a state dict of ``AdamWFp8`` (bit-exact) or of ``torch.optim.AdamW`` (moments quantized).
 
         ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its
-        parameter's dtype, which would turn fp8/bf16 moments into fp32 copies: those are set aside
-        before it runs and put back (moved to the parameter's device, dtype kept) after.
+        parameter's dtype, which would turn fp8/bf16 moments into fp32 copies and, for bf16
+        parameters, the fp32 block scales and moments into bf16: every tensor state but ``step`` is
+        set aside before it runs and put back (moved to the parameter's device, dtype kept) after.
 
         Raises:
             ValueError: a quantized state whose shape does not fit this optimizer's ``block_size``
                 or ``second_moment`` (naming the group, parameter and setting).
         """
-        low_precision = (E4M3, torch.bfloat16)
         kept, stripped_state = {}, {}
         for pid, entries in state_dict["state"].items():
-            stripped_state[pid] = {k: v for k, v in entries.items()
-                                   if not (isinstance(v, torch.Tensor) and v.dtype in low_precision)}
+            stripped_state[pid] = {k: v for k, v in entries.items() if k == "step" or not isinstance(v, torch.Tensor)}
             kept[pid] = {k: v for k, v in entries.items() if k not in stripped_state[pid]}
         super().load_state_dict({**state_dict, "state": stripped_state})
         for gi, group in enumerate(self.param_groups):  # a torch.optim.AdamW group lacks our settings

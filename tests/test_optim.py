@@ -270,6 +270,24 @@ def test_state_dict_round_trip_gives_bit_identical_next_step(second_moment):
             assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
 
 
+def test_state_dict_round_trip_keeps_state_dtypes_for_bf16_params():
+    model = _mlp().to(torch.bfloat16)
+    opt = AdamWFp8(model.parameters(), lr=1e-2)
+    for s in range(3):
+        torch.manual_seed(s)
+        model(torch.randn(8, 64, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    saved = copy.deepcopy(opt.state_dict())
+    fresh_opt = AdamWFp8(model.parameters(), lr=1e-2)
+    fresh_opt.load_state_dict(saved)
+    # Optimizer.load_state_dict would cast the fp32 block scales to the parameters' bf16
+    for p in model.parameters():
+        for k, v in opt.state[p].items():
+            assert fresh_opt.state[p][k].dtype == v.dtype, k
+            assert torch.equal(fresh_opt.state[p][k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+
+
 def test_loads_torch_adamw_state_and_quantizes_it():
     model = _mlp()
     ref = torch.optim.AdamW(model.parameters(), lr=1e-2)
