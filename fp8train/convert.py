@@ -65,6 +65,14 @@ def _skip_reason(
     return None
 
 
+def runs_fp8_gemms(config: Float8LinearConfig) -> bool:
+    """Whether some GEMM of this recipe runs on fp8 tensor cores (not emulated, not MX, which the
+    cost model does not cover): only then does the auto filter have speed to protect."""
+    mm = config.linear_mm_config
+    emulated = config.emulate or all(g.emulate for g in (mm.output, mm.grad_input, mm.grad_weight))
+    return not emulated and not config.has_mx
+
+
 def resolve_auto_filter(auto_filter: AutoFilter, config: Float8LinearConfig) -> GemmCostModel | None:
     """The cost model the swap filters with, or ``None`` for no automatic filter.
 
@@ -76,7 +84,7 @@ def resolve_auto_filter(auto_filter: AutoFilter, config: Float8LinearConfig) -> 
     if isinstance(auto_filter, GemmCostModel):
         return auto_filter
     if auto_filter is None:
-        auto_filter = torch.cuda.is_available() and not config.emulate and not config.has_mx
+        auto_filter = torch.cuda.is_available() and runs_fp8_gemms(config)
     if not isinstance(auto_filter, bool):
         raise ValueError(f"auto_filter={auto_filter!r} is invalid; valid: None (auto), True, False or a GemmCostModel")
     return for_current_device() if auto_filter else None

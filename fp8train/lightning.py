@@ -91,7 +91,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from fp8train.config import Float8LinearConfig, ScalingType, recipe_names
-from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training
+from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training, runs_fp8_gemms
 from fp8train.delayed import sync_float8_amax_and_scale_history
 from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from fp8train.linear import Float8Linear, set_weight_cast_cache
@@ -347,7 +347,7 @@ class Float8Training(Callback):
         if auto is None:
             trainer = getattr(pl_module, "_trainer", None)
             on_cuda = trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
-            auto = on_cuda and not self.config.emulate and not self.config.has_mx
+            auto = on_cuda and runs_fp8_gemms(self.config)
         with _float32_default_dtype():
             convert_to_float8_training(pl_module, config=self.config, module_filter_fn=self._keep, auto_filter=auto)
         report = conversion_report(pl_module)

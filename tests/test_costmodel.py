@@ -65,3 +65,16 @@ def test_bad_auto_filter_value_fails_early():
 
     with pytest.raises(ValueError, match=r"Float8Training\(auto_filter=1\)"):
         Float8Training(auto_filter=1)
+
+
+def test_auto_filter_is_off_for_recipes_without_real_fp8_gemms():
+    from fp8train.config import ScaledMMConfig
+    from fp8train.convert import runs_fp8_gemms
+
+    cfg = fp8train.Float8LinearConfig.from_recipe_name
+    assert runs_fp8_gemms(cfg("tensorwise")) and runs_fp8_gemms(cfg("delayed"))
+    assert not runs_fp8_gemms(cfg("tensorwise", emulate=True)) and not runs_fp8_gemms(cfg("mxfp8"))
+    emu = ScaledMMConfig(emulate=True)
+    assert not runs_fp8_gemms(cfg("tensorwise", gemm_config_output=emu, gemm_config_grad_input=emu,
+                                  gemm_config_grad_weight=emu))
+    assert runs_fp8_gemms(cfg("tensorwise", gemm_config_grad_weight=emu))  # two GEMMs still real
