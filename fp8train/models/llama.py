@@ -302,10 +302,11 @@ class FeedForward(nn.Module):
         super().__init__()
         if fused:
             self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
-        else:
+            self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        else:  # registration order w1, w2, w3: named_modules() and checkpoints keep their order
             self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+            self.w2 = nn.Linear(hidden_dim, dim, bias=False)
             self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` -> ``[..., D]``."""
