@@ -76,3 +76,34 @@ def test_weight_cast_cache_compiles_two_graphs():
             fp8train.set_weight_cast_cache(model, "fill" if i == 0 else "reuse")
             compiled(torch.randn(32, 64)).pow(2).mean().backward()
     assert backend.frames <= 2, backend.frames  # fill and reuse, each compiled once
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_amax_reduces_in_fp32_under_compile(recipe):
+    """Every amax of a compiled Float8Linear is an fp32 reduction, forward and backward.
+
+    Regression (H100, torch 2.11): inductor computed a GELU backward in fp32 and stored its bf16
+    amax rounded, so the fused cast and the GEMM's scale disagreed (2x after power-of-2 rounding);
+    compiled rowwise weight grads were 16.1 dB from fp32 against 25.2 dB eager. CPU codegen does not
+    show the gap, so this checks the traced graphs instead.
+    """
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    model = fp8train.convert_to_float8_training(_mlp(), config=recipe)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(torch.randn(32, 64)).float().pow(2).mean().backward()
+    assert len(graphs) == 2  # forward and backward
+    for gm in graphs:
+        amaxes = [n for n in gm.graph.nodes if n.target is torch.ops.aten.amax.default]
+        assert amaxes, gm.graph
+        assert all(n.meta["val"].dtype == torch.float32 for n in amaxes), [
+            (n.name, n.meta["val"].dtype) for n in amaxes]

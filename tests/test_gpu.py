@@ -72,18 +72,7 @@ def test_cuda_odd_token_count(pad):
     assert torch.isfinite(f8.weight.grad).all() and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize(
-    "recipe",
-    [
-        pytest.param(r, marks=pytest.mark.xfail(
-            reason="known defect (2026-11-25, H100, torch 2.11): compiled rowwise weight grads are 16.1 dB from "
-                   "an fp32 reference against 25.2 dB eager; aot_eager is bit-identical to eager and the pieces "
-                   "compiled alone are too (scripts/diag/compile_vs_reference.py, cast_kernels.py): an "
-                   "inductor codegen difference in the fused graph, not root-caused", strict=False))
-        if r == "rowwise" else r
-        for r in fp8train.recipe_names()
-    ],
-)
+@pytest.mark.parametrize("recipe", fp8train.recipe_names())
 def test_cuda_compile_fullgraph(recipe):
     _needs_fp8()
     torch.manual_seed(0)
@@ -101,7 +90,10 @@ def test_cuda_compile_fullgraph(recipe):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         # fp8 re-rounding of a few elements after inductor reorders fp32 math: measured 29.8 dB (rowwise)
         assert sqnr(compiled(x), eager(x)) > 25
+    # rowwise was 16.4 dB here before amaxes were reduced in fp32 under compile (tensor_amax);
+    # measured after the fix (H100, torch 2.11): 28.3 dB (layer 0) and 37.2 dB (layer 2)
     assert sqnr(model[0].weight.grad, eager[0].weight.grad) > 25
+    assert sqnr(model[2].weight.grad, eager[2].weight.grad) > 25
 
 
 def test_cuda_auto_filter_is_on_by_default():
