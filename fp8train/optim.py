@@ -150,8 +150,8 @@ class AdamWFp8(torch.optim.Optimizer):
         maximize: must be False (not supported).
         compile: ``torch.compile`` the per-parameter update of the fp8/bf16 states (recommended on
             GPU: eager runs ~30 elementwise kernels per parameter, several times the memory traffic
-            of a fused AdamW). One compile per parameter shape until shapes go dynamic, one more
-            when the learning rate first changes.
+            of a fused AdamW). One compile per parameter shape until shapes go dynamic; a
+            learning-rate schedule does not recompile.
 
     Raises:
         ValueError: a hyperparameter out of range, naming it, its value and what is valid;
@@ -187,7 +187,7 @@ class AdamWFp8(torch.optim.Optimizer):
         if not isinstance(compile, bool):
             raise ValueError(f"AdamWFp8: compile={compile!r} is invalid; valid: True or False")
         # one fused kernel set per parameter shape instead of ~30 elementwise kernels; the
-        # scalars (lr, bias corrections) are traced symbolically, so a schedule does not recompile
+        # scalars (lr, bias corrections) are tensor inputs, so a schedule does not recompile
         self._update_rows = torch.compile(_update_rows, fullgraph=True) if compile else _update_rows
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
                         second_moment=second_moment, stochastic_rounding=stochastic_rounding)
@@ -295,14 +295,17 @@ class AdamWFp8(torch.optim.Optimizer):
         vs = _local(state["exp_avg_sq"]).view(rows, cols)
         vsc = _local(state["exp_avg_sq_scale"]).view(rows, -1) if "exp_avg_sq_scale" in state else None
         block, sr = group["block_size"], group["stochastic_rounding"]
+        # The scalars travel as 0-dim CPU fp32 tensors (the value each kernel would take from a Python
+        # float): torch.compile makes them graph inputs, where torch 2.11 specialised Python floats
+        # and recompiled on every new learning rate until its recompile limit sent the update back
+        # to eager. A CUDA kernel reads a CPU scalar without a device sync.
+        hyper = tuple(torch.tensor(v, dtype=torch.float32) for v in (
+            1 - lr * wd, 1 - beta1, beta2, 1 - beta2, step_size, bc2_sqrt, eps))
         chunk = max(1, _CHUNK_ELEMENTS // cols)
         for r in range(0, rows, chunk):  # shapes only: no data-dependent branch
             s = slice(r, r + chunk)
-            self._update_rows(
-                p2[s], g2[s], m8[s], ms[s], vs[s], vsc[s] if vsc is not None else None,
-                lr=lr, wd=wd, eps=eps, beta1=beta1, beta2=beta2, step_size=step_size, bc2_sqrt=bc2_sqrt,
-                block=block, stochastic=sr,
-            )
+            self._update_rows(p2[s], g2[s], m8[s], ms[s], vs[s], vsc[s] if vsc is not None else None, *hyper,
+                              block=block, stochastic=sr)
         if not contiguous:
             param.copy_(p2.view_as(param))
 
@@ -385,23 +388,24 @@ def _store_v(v: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor | None,
 
 def _update_rows(
     p: torch.Tensor, g: torch.Tensor, m8: torch.Tensor, m_scale: torch.Tensor, v_store: torch.Tensor,
-    v_scale: torch.Tensor | None, *, lr: float, wd: float, eps: float, beta1: float, beta2: float,
-    step_size: float, bc2_sqrt: float, block: int, stochastic: bool,
+    v_scale: torch.Tensor | None, decay: torch.Tensor, one_minus_beta1: torch.Tensor, beta2: torch.Tensor,
+    one_minus_beta2: torch.Tensor, step_size: torch.Tensor, bc2_sqrt: torch.Tensor, eps: torch.Tensor, *,
+    block: int, stochastic: bool,
 ) -> None:
     """The AdamW update of ``[rows, C]`` views, in place: ``p`` (any float dtype), gradient ``g``,
-    stored moments ``m8``/``m_scale`` and ``v_store``/``v_scale`` (``None``: bf16 v)."""
+    stored moments ``m8``/``m_scale`` and ``v_store``/``v_scale`` (``None``: bf16 v). The
+    hyperparameters are 0-dim fp32 tensors: ``decay = 1 - lr * weight_decay``,
+    ``step_size = lr / (1 - beta1**t)``, ``bc2_sqrt = sqrt(1 - beta2**t)``."""
     g = g.float()
     m = dequantize_blockwise(m8, m_scale, block)
-    m.lerp_(g, 1 - beta1)
+    m.add_((g - m).mul_(one_minus_beta1))  # lerp(m, g, 1 - beta1), as torch.optim.AdamW
     v = v_store.float() if v_scale is None else dequantize_blockwise(v_store, v_scale, block).square_()
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    v.mul_(beta2).addcmul_(g, g * one_minus_beta2)
     quantize_blockwise_(m, m8, m_scale, block, stochastic)
     _store_v(v, v_store, v_scale, block, stochastic)
-    # this step's update uses the fp32 moments; the rounded ones carry over to the next step.
-    # Scalars enter as operands, not as `value=` arguments: torch.compile then keeps them
-    # symbolic instead of recompiling for every new learning rate.
+    # this step's update uses the fp32 moments; the rounded ones carry over to the next step
     update = m.div_(v.sqrt_().div_(bc2_sqrt).add_(eps)).mul_(step_size)
     if p.dtype == torch.float32:
-        p.mul_(1 - lr * wd).sub_(update)
+        p.mul_(decay).sub_(update)
     else:
-        p.copy_(p.float().mul_(1 - lr * wd).sub_(update))
+        p.copy_(p.float().mul_(decay).sub_(update))
