@@ -17,7 +17,7 @@ reduction; last block not resharded after forward), allocates this rank's shards
 (``materialize``), then runs fused-AdamW steps under bf16 autocast on random tokens (each rank its
 own). Delayed recipes sync amax once per step and ``+ag`` dynamic recipes run the fused scale
 precompute once per step, inside the timed region, as a real run does. After ``--warmup`` steps
-(compilation included) ``--steps`` steps are timed with CUDA events; the slowest rank's step time
+(compilation included) ``--steps`` steps are timed with CUDA events (the median step); the slowest rank's step time
 counts. Reported per GPU: tokens/s (this rank's batch x seq / step time), MFU against the bf16 dense
 peak for every case, peak memory (max over ranks). Rank 0 prints the table last and writes the raw
 numbers as JSON (``--out``). Timings of different devices or world sizes do not compare.

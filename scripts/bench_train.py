@@ -5,7 +5,7 @@
 Each case builds the model from the same seed, converts it (every linear but ``lm_head`` that the
 auto filter keeps, as a user gets by default; ``<recipe>+all`` converts them all; bf16 runs
 unconverted), compiles it, and runs AdamW steps under bf16 autocast on random tokens. After
-``--warmup`` steps (compilation included) it times ``--steps`` steps with CUDA events and reports
+``--warmup`` steps (compilation included) it times ``--steps`` steps with CUDA events (the median step) and reports
 tokens/s, MFU (model FLOPs from ``fp8train.perf``; the peak is the bf16 dense peak for every case so
 MFU compares like with like) and peak memory. Delayed recipes sync amax/scale once per step inside
 the timed region, as a real run does. The table is printed last and raw numbers written as JSON.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import subprocess
 import time
 from typing import Any, Callable
@@ -30,8 +31,15 @@ from fp8train.perf import flops_per_token, mfu, peak_flops
 
 
 def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int) -> tuple[float, float, float]:
-    """Run ``warmup`` untimed then ``steps`` timed calls of ``step`` (CUDA events on a GPU, wall
-    clock otherwise). Returns ``(seconds per step, warm-up seconds, last loss)``."""
+    """Run ``warmup`` untimed then ``steps`` timed calls of ``step``. Returns ``(seconds per step,
+    warm-up seconds, last loss)``.
+
+    Seconds per step is the **median** step: on a GPU, the time between CUDA events recorded at
+    consecutive step boundaries without syncing (the CPU runs ahead as in training); on CPU, wall
+    time per step. The median keeps a one-off stall (a late recompile, an allocator resize) out of
+    the figure; when the slowest step exceeds the median by more than 30% that is printed, since it
+    means the warm-up was too short (a 3-step warm-up once made an FSDP2 case read 28% slow).
+    """
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
@@ -40,16 +48,24 @@ def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int) -> tup
     sync()
     warmup_s = time.perf_counter() - t0
     if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    t1 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    if cuda:
-        end.record()
-    sync()
-    seconds = start.elapsed_time(end) / 1000 if cuda else time.perf_counter() - t1
-    return seconds / steps, warmup_s, float(loss)
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        marks[0].record()
+        for i in range(steps):
+            loss = step()
+            marks[i + 1].record()
+        sync()
+        times = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+    else:
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    if max(times) > 1.3 * median:
+        print(f"time_steps: slowest step {max(times) * 1000:.1f} ms vs median {median * 1000:.1f} ms "
+              f"(steps: {', '.join(f'{t * 1000:.0f}' for t in times)}); consider a longer warm-up", flush=True)
+    return median, warmup_s, float(loss)
 
 
 def meta(**extra: Any) -> dict[str, Any]:

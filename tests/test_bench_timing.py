@@ -1,0 +1,34 @@
+"""The benchmarks' step timer (scripts/bench_train.py::time_steps): the median step, and a warning
+when one step stalls (a warm-up too short). Checks the arithmetic, not any speed."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+from bench_train import time_steps  # noqa: E402
+
+
+def test_median_ignores_one_stalled_step_and_says_so(capsys):
+    calls = []
+
+    def step() -> torch.Tensor:
+        calls.append(None)
+        time.sleep(0.25 if len(calls) == 4 else 0.01)  # the 2nd timed step stalls
+        return torch.tensor(float(len(calls)))
+
+    sec, warmup_s, loss = time_steps(step, warmup=2, steps=5)
+    assert len(calls) == 7 and loss == 7.0
+    assert 0.009 < sec < 0.1  # a mean would be >= 0.058
+    assert warmup_s >= 0.02
+    assert "slowest step" in capsys.readouterr().out
+
+
+def test_no_warning_for_even_steps(capsys):
+    sec, _, _ = time_steps(lambda: (time.sleep(0.1), torch.zeros(()))[1], warmup=1, steps=3)
+    assert sec >= 0.099
+    assert "slowest step" not in capsys.readouterr().out
