@@ -46,8 +46,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             ``tensor_parallel_size`` (Lightning's own ``"auto"`` is the number of nodes).
         tensor_parallel_size: ranks sharing each block's attention heads and feed-forward hidden
             units (:func:`apply_tensor_parallel`); a positive integer dividing the world size.
-            Tensor-parallel peers see the same batches. Keep a TP group inside one node (ranks
-            ``0..tp-1`` of the mesh's last dim are neighbours).
+            Tensor-parallel peers see the same batches. A TP group is consecutive ranks, so with
+            ``tensor_parallel_size`` at most the GPUs per node it stays inside one node (TP
+            all-reduces activations in every block: it needs the fast links).
         **kwargs: passed to ``ModelParallelStrategy`` (``save_distributed_checkpoint``, ...).
 
     Raises:
