@@ -255,7 +255,8 @@ class Attention(nn.Module):
     """Causal grouped-query self-attention through ``F.scaled_dot_product_attention``.
 
     ``wq: D -> H*Dh``, ``wk, wv: D -> Hkv*Dh``, ``wo: H*Dh -> D``. Each key/value head serves
-    ``H // Hkv`` consecutive query heads.
+    ``H // Hkv`` consecutive query heads. The forward takes its head counts from the projections'
+    output widths, so it also runs on a tensor-parallel rank's local heads.
     """
 
     def __init__(self, cfg: LlamaConfig) -> None:
@@ -279,19 +280,22 @@ class Attention(nn.Module):
             q, k, v = self.wqkv(x).split(self.qkv_dims, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.reshape(B, T, self.n_heads, self.head_dim)
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
+        # head counts from the projections' widths, not the config: under tensor parallelism each
+        # rank holds H/tp query and Hkv/tp key/value heads (the ratio H/Hkv is unchanged)
+        q = q.reshape(B, T, -1, self.head_dim)
+        k = k.reshape(B, T, -1, self.head_dim)
+        v = v.reshape(B, T, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         n_rep = self.n_heads // self.n_kv_heads
         if n_rep > 1:
             # expand + reshape rather than SDPA's enable_gqa: every SDPA backend (flash, cuDNN,
             # memory-efficient, math) accepts equal head counts
-            k = k[:, :, :, None, :].expand(B, T, self.n_kv_heads, n_rep, self.head_dim).reshape(B, T, -1, self.head_dim)
-            v = v[:, :, :, None, :].expand(B, T, self.n_kv_heads, n_rep, self.head_dim).reshape(B, T, -1, self.head_dim)
+            kv_heads = k.shape[2]
+            k = k[:, :, :, None, :].expand(B, T, kv_heads, n_rep, self.head_dim).reshape(B, T, -1, self.head_dim)
+            v = v[:, :, :, None, :].expand(B, T, kv_heads, n_rep, self.head_dim).reshape(B, T, -1, self.head_dim)
         # SDPA wants [B, heads, T, Dh]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):

@@ -35,6 +35,7 @@ from fp8train.linear import Float8Linear
 from fp8train.models.llama import Llama, LlamaConfig
 from fp8train.mx_ops import mx_runs_native
 from fp8train.train.module import LlamaLightningModule, OptimConfig
+from fp8train.train.parallel import FSDP2Strategy, check_tensor_parallel
 from fp8train.train.summary import RunSummary
 
 __all__ = ["ConfigError", "Run", "build", "train", "fp8_config", "model_config"]
@@ -101,7 +102,7 @@ def _instantiate(key: str, node: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def _data(cfg: DictConfig, model: LlamaConfig, world_size: int, accumulate: int) -> TokenDataModule:
+def _data(cfg: DictConfig, model: LlamaConfig, data_parallel_size: int, accumulate: int) -> TokenDataModule:
     d = cfg.data
     if d.path is None:
         raise ConfigError("data.path is required: a token file (data=tokens data.path=FILE), or 'embedded'")
@@ -132,7 +133,7 @@ def _data(cfg: DictConfig, model: LlamaConfig, world_size: int, accumulate: int)
     max_steps = cfg.trainer.max_steps
     if samples is None and max_steps and max_steps > 0:
         # one epoch covers the whole run: TokenDataModule's windows repeat every epoch
-        samples = max_steps * accumulate * d.batch_size * world_size
+        samples = max_steps * accumulate * d.batch_size * data_parallel_size
     try:
         dm = TokenDataModule(
             source=d.path,
@@ -153,6 +154,24 @@ def _data(cfg: DictConfig, model: LlamaConfig, world_size: int, accumulate: int)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data (path={d.path!r}): {e}") from None
     return dm
+
+
+def _check_tensor_parallel(trainer: L.Trainer, model: LlamaConfig) -> int:
+    """The tensor-parallel size of ``trainer``'s strategy (1 without one), checked against the world
+    size and the model before any process group exists."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, FSDP2Strategy):
+        return 1
+    tp = strategy.tensor_parallel_size
+    try:
+        strategy.check_world_size(trainer.world_size)
+    except ValueError as e:
+        raise ConfigError(f"trainer.strategy: {e}") from None
+    try:
+        check_tensor_parallel(model, tp)
+    except ValueError as e:
+        raise ConfigError(f"model (with trainer.strategy.tensor_parallel_size={tp}): {e}") from None
+    return tp
 
 
 @dataclass
@@ -197,7 +216,13 @@ def build(cfg: DictConfig) -> Run:
                 f"optim.fp8_reduce_scatter=true needs FSDP2 (trainer=fsdp2), not {type(trainer.strategy).__name__}; "
                 f"set optim.fp8_reduce_scatter=false"
             )
-        datamodule = _data(cfg, model, trainer.world_size, trainer.accumulate_grad_batches)
+        tp = _check_tensor_parallel(trainer, model)
+        if optim.fp8_reduce_scatter and tp > 1:
+            raise ConfigError(
+                f"optim.fp8_reduce_scatter=true is not supported with trainer.strategy.tensor_parallel_size={tp} "
+                f"(untested on a 2-D mesh); set optim.fp8_reduce_scatter=false or tensor_parallel_size=1"
+            )
+        datamodule = _data(cfg, model, trainer.world_size // tp, trainer.accumulate_grad_batches)
     except OmegaConfBaseException as e:  # e.g. an interpolation that cannot resolve
         raise ConfigError(str(e)) from None
     module = LlamaLightningModule(model, optim, compile=cfg.model.compile, seq_len=datamodule.seq_len)
@@ -243,7 +268,7 @@ def train(cfg: DictConfig, started: float | None = None) -> RunSummary:
                                   if isinstance(m, Float8Linear)) if module.device_mesh is not None else 0,
         steps=module.global_step,
         tokens=module.global_step * trainer.accumulate_grad_batches * run.datamodule.batch_size
-        * run.datamodule.seq_len * trainer.world_size,
+        * run.datamodule.seq_len * trainer.world_size // _tensor_parallel_size(trainer),
         batch_size=run.datamodule.batch_size,
         seq_len=run.datamodule.seq_len,
         world_size=trainer.world_size,
@@ -267,6 +292,11 @@ def train(cfg: DictConfig, started: float | None = None) -> RunSummary:
         print(summary.format(), flush=True)
         summary.write(run.output_dir / "summary.json")
     return summary
+
+
+def _tensor_parallel_size(trainer: L.Trainer) -> int:
+    strategy = trainer.strategy
+    return strategy.tensor_parallel_size if isinstance(strategy, FSDP2Strategy) else 1
 
 
 def _emulated(fp8: Float8LinearConfig | None, device: torch.device) -> bool:

@@ -4,14 +4,16 @@ The module knows nothing of fp8: ``fp8train.lightning.Float8Training`` swaps its
 is built in ``configure_model``, so strategies can shard it; the transforms run in torchtitan's
 order, each optional::
 
-    build Llama ─ fp8 convert ─ activation checkpointing ─ torch.compile (per block) ─ fully_shard
+    build Llama ─ fp8 convert ─ tensor parallel ─ activation checkpointing ─ torch.compile (per block) ─ fully_shard
 
 Activation checkpointing is a ``LlamaConfig`` field (``Llama.forward`` applies it per block).
 Without a device mesh the fp8 conversion is left to the callback, which runs it right after
 ``configure_model`` returns (compilation is lazy, so compiled blocks trace the converted layers).
 Under ``ModelParallelStrategy`` (``trainer=fsdp2``) the blocks are sharded inside
 ``configure_model``, so conversion has to come first: the module asks the ``Float8Training``
-callback of its trainer to convert before it calls ``fully_shard``.
+callback of its trainer to convert before it applies tensor parallelism (``tensor_parallel``
+mesh dim, ``fp8train.train.parallel.apply_tensor_parallel``) and ``fully_shard`` (``data_parallel``
+dim).
 
 Logged metrics (``/``-namespaced):
 
@@ -45,7 +47,7 @@ from fp8train.models.llama import Llama, LlamaConfig
 from fp8train.optim import SECOND_MOMENT_FORMATS, AdamWFp8
 from fp8train.perf import flops_per_token, mfu, peak_flops
 from fp8train.reduce_scatter import enable_fp8_reduce_scatter
-from fp8train.train.parallel import apply_fsdp2, materialize
+from fp8train.train.parallel import apply_fsdp2, apply_tensor_parallel, clip_grad_norm_, materialize
 
 __all__ = ["OptimConfig", "LlamaLightningModule", "lr_lambda"]
 
@@ -231,10 +233,12 @@ class LlamaLightningModule(L.LightningModule):
             self.model = Llama(self.model_config)
             self._compile()
             return
-        # sharded: build on meta, convert, compile, shard, then materialise only the local shards
+        # sharded: build on meta, convert, TP, compile, FSDP, then materialise only the local shards
         with torch.device("meta"):
             self.model = Llama(self.model_config)
         self._convert_fp8_before_sharding()
+        if mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names:
+            apply_tensor_parallel(self.model, mesh["tensor_parallel"])  # a no-op for a TP size of 1
         self._compile()
         apply_fsdp2(self.model, mesh, self.trainer.precision)
         if self.optim_config.fp8_reduce_scatter:
@@ -315,6 +319,18 @@ class LlamaLightningModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    @override
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # tensor parallel: gradients live on two meshes (2-D blocks, 1-D rest), which torch's
+        # clip_grad_norm_ cannot combine
+        if gradient_clip_val and self._tensor_parallel_size() > 1 and gradient_clip_algorithm in (None, "norm"):
+            clip_grad_norm_(self.parameters(), float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # --- throughput, MFU, memory -------------------------------------------------------------------
     @override
     def on_train_start(self) -> None:
@@ -357,7 +373,8 @@ class LlamaLightningModule(L.LightningModule):
             self._window.start = now
 
     def _rates(self, tokens: int, seconds: float) -> dict[str, float]:
-        per_device = tokens / seconds
+        # tensor-parallel peers train on the same tokens, each doing 1/tp of the block FLOPs
+        per_device = tokens / seconds / self._tensor_parallel_size()
         out = {
             "train/tokens_per_s": per_device * self.trainer.world_size,
             "train/tokens_per_s_per_device": per_device,
@@ -369,6 +386,12 @@ class LlamaLightningModule(L.LightningModule):
         if self.device.type == "cuda":
             out["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out
+
+    def _tensor_parallel_size(self) -> int:
+        mesh = self.device_mesh
+        if mesh is None or not mesh.mesh_dim_names or "tensor_parallel" not in mesh.mesh_dim_names:
+            return 1
+        return mesh["tensor_parallel"].size()
 
     @override
     def on_validation_start(self) -> None:
