@@ -262,8 +262,8 @@ def _init_as_unsharded(model: Llama) -> None:
     DTensor's random ops have no distributed generator on CPU: ``init_weights`` on shards would
     draw every rank's shard from the same generator state, giving all shards of a weight the same
     values, and a different model for each sharding. Drawing the whole model and keeping the
-    local pieces gives the same weights for any data- or tensor-parallel layout. Costs one unsharded copy of the model in host memory
-    (CPU runs are tests and small models).
+    local pieces gives the same weights for any data- or tensor-parallel layout. Costs one
+    unsharded copy of the model in host memory (CPU runs are tests and small models).
     """
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
