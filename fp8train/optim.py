@@ -53,6 +53,7 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
+from fp8train import optim_kernel
 from fp8train.blockwise import (
     E4M3,
     blockwise_scale_shape,
@@ -148,14 +149,20 @@ class AdamWFp8(torch.optim.Optimizer):
         stochastic_rounding: round the stored moments stochastically (unbiased) instead of to nearest.
         amsgrad: must be False (not supported).
         maximize: must be False (not supported).
-        compile: ``torch.compile`` the per-parameter update of the fp8/bf16 states (recommended on
-            GPU: eager runs ~30 elementwise kernels per parameter, several times the memory traffic
-            of a fused AdamW). One compile per parameter shape until shapes go dynamic; a
-            learning-rate schedule does not recompile.
+        fused: the update of the fp8/bf16 states of CUDA parameters as one Triton kernel per
+            parameter (``fp8train.optim_kernel``: each byte read and written once). ``None``
+            (default): for CUDA parameters when Triton is installed; ``True``: required (fails at
+            construction without Triton, at ``step()`` for a non-CUDA parameter, before any
+            update); ``False``: never (the torch path below).
+        compile: ``torch.compile`` the torch path of the update (parameters the kernel does not
+            take: CPU, or ``fused=False``); eager, it runs ~30 elementwise kernels per parameter.
+            One compile per parameter shape until shapes go dynamic; a learning-rate schedule
+            does not recompile.
 
     Raises:
         ValueError: a hyperparameter out of range, naming it, its value and what is valid;
-            ``amsgrad``/``maximize`` set; a sparse or complex gradient at ``step()``.
+            ``amsgrad``/``maximize`` set; ``fused=True`` without Triton; at ``step()``, a
+            sparse or complex gradient, or (``fused=True``) a parameter off CUDA.
 
     Example:
         >>> opt = AdamWFp8(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -176,6 +183,7 @@ class AdamWFp8(torch.optim.Optimizer):
         stochastic_rounding: bool = True,
         amsgrad: bool = False,
         maximize: bool = False,
+        fused: bool | None = None,
         compile: bool = False,
     ) -> None:
         if amsgrad is not False:
@@ -186,6 +194,14 @@ class AdamWFp8(torch.optim.Optimizer):
             )
         if not isinstance(compile, bool):
             raise ValueError(f"AdamWFp8: compile={compile!r} is invalid; valid: True or False")
+        if fused not in (None, True, False):
+            raise ValueError(f"AdamWFp8: fused={fused!r} is invalid; valid: None (auto), True or False")
+        if fused and not optim_kernel.available():
+            raise ValueError(
+                "AdamWFp8: fused=True needs Triton, which is not importable here (it comes with torch's CUDA "
+                "wheels); valid: fused=None (use the kernel where it can run) or fused=False"
+            )
+        self.fused = fused
         # one fused kernel set per parameter shape instead of ~30 elementwise kernels; the
         # scalars (lr, bias corrections) are tensor inputs, so a schedule does not recompile
         self._update_rows = torch.compile(_update_rows, fullgraph=True) if compile else _update_rows
@@ -215,12 +231,14 @@ class AdamWFp8(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             return state
         scale_shape = blockwise_scale_shape(p.shape, group["block_size"])
-        state["exp_avg"] = torch.zeros_like(p, dtype=E4M3)
+        # row-major whatever p's layout (the kernel needs unit-stride rows)
+        contiguous = torch.contiguous_format
+        state["exp_avg"] = torch.zeros_like(p, dtype=E4M3, memory_format=contiguous)
         state["exp_avg_scale"] = _zeros_like_sharded(p, scale_shape, torch.float32)
         if group["second_moment"] == "bf16":
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=contiguous)
         else:
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=E4M3)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=E4M3, memory_format=contiguous)
             state["exp_avg_sq_scale"] = _zeros_like_sharded(p, scale_shape, torch.float32)
         return state
 
@@ -254,7 +272,7 @@ class AdamWFp8(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for i, group in enumerate(self.param_groups):
+        for i, group in enumerate(self.param_groups):  # every check before any update
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -263,50 +281,104 @@ class AdamWFp8(torch.optim.Optimizer):
                         f"AdamWFp8: param_groups[{i}] has a {'sparse gradient' if p.grad.is_sparse else 'complex parameter'}"
                         f"; valid: dense real-valued parameters and gradients"
                     )
+                if self.fused and _local(p).device.type != "cuda":
+                    raise ValueError(
+                        f"AdamWFp8(fused=True): param_groups[{i}] has a parameter on {_local(p).device}; the kernel "
+                        f"runs on CUDA only; valid: move the model to a GPU first, or fused=None / False"
+                    )
+        for group in self.param_groups:
+            fp32_moments: dict[float, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
+            quantized: dict[float, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
                 state = self.state[p] if self.state.get(p) else self._init_state(p, group)
-                self._update(p, state, group)
+                state["step"] += 1
+                t = float(state["step"].item())  # a CPU tensor: no device sync
+                (quantized if "exp_avg_scale" in state else fp32_moments).setdefault(t, []).append((p, state))
+            # parameters are updated together per step count (all of them, unless some went without
+            # a gradient for a while): one set of scalars, a few multi-tensor calls
+            for t, items in fp32_moments.items():
+                self._update_fp32_moments(items, group, t)
+            for t, items in quantized.items():
+                self._update_quantized(items, group, t)
         return loss
 
-    def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        state["step"] += 1
-        t = float(state["step"].item())  # a CPU tensor: no device sync
+    @staticmethod
+    def _scalars(group: dict[str, Any], t: float) -> dict[str, float]:
         beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        step_size = lr / (1 - beta1**t)
-        bc2_sqrt = math.sqrt(1 - beta2**t)
-        param, grad = _local(p), _local(p.grad)
-        if "exp_avg_scale" not in state:  # fp32 moments: torch.optim.AdamW's single-tensor update
-            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-            g = grad.to(m.dtype)
-            param.mul_(1 - lr * wd)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            param.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
-            return
-        if param.numel() == 0:
-            return
-        cols = param.shape[-1]
-        rows = param.numel() // cols
-        contiguous = param.is_contiguous()
-        p2 = param.view(rows, cols) if contiguous else param.reshape(rows, cols).clone()
-        g2 = grad.reshape(rows, cols)
-        m8 = _local(state["exp_avg"]).view(rows, cols)
-        ms = _local(state["exp_avg_scale"]).view(rows, -1)
-        vs = _local(state["exp_avg_sq"]).view(rows, cols)
-        vsc = _local(state["exp_avg_sq_scale"]).view(rows, -1) if "exp_avg_sq_scale" in state else None
+        lr = group["lr"]
+        return dict(decay=1 - lr * group["weight_decay"], one_minus_beta1=1 - beta1, beta2=beta2,
+                    one_minus_beta2=1 - beta2, step_size=lr / (1 - beta1**t), bc2_sqrt=math.sqrt(1 - beta2**t),
+                    eps=group["eps"])
+
+    def _update_fp32_moments(self, items: list[tuple[torch.Tensor, dict[str, Any]]], group: dict[str, Any],
+                             t: float) -> None:
+        """torch.optim.AdamW's update (its foreach form) for parameters with fp32 moments."""
+        s = self._scalars(group, t)
+        params = [_local(p) for p, _ in items]
+        m = [_local(st["exp_avg"]) for _, st in items]
+        v = [_local(st["exp_avg_sq"]) for _, st in items]
+        g = [_local(p.grad).to(mi.dtype) for (p, _), mi in zip(items, m)]
+        torch._foreach_mul_(params, s["decay"])
+        torch._foreach_lerp_(m, g, s["one_minus_beta1"])
+        torch._foreach_mul_(v, s["beta2"])
+        torch._foreach_addcmul_(v, g, g, value=s["one_minus_beta2"])
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, s["bc2_sqrt"])
+        torch._foreach_add_(denom, s["eps"])
+        torch._foreach_addcdiv_(params, m, denom, value=-s["step_size"])
+
+    def _update_quantized(self, items: list[tuple[torch.Tensor, dict[str, Any]]], group: dict[str, Any],
+                          t: float) -> None:
+        """The fp8/bf16-moment update of ``items``, one ``[rows, C]`` row chunk at a time."""
+        scalars = self._scalars(group, t)
+        hyper = None  # the torch path's scalars, made on first use
         block, sr = group["block_size"], group["stochastic_rounding"]
-        # The scalars travel as 0-dim CPU fp32 tensors (the value each kernel would take from a Python
-        # float): torch.compile makes them graph inputs, where torch 2.11 specialised Python floats
-        # and recompiled on every new learning rate until its recompile limit sent the update back
-        # to eager. A CUDA kernel reads a CPU scalar without a device sync.
-        hyper = tuple(torch.tensor(v, dtype=torch.float32) for v in (
-            1 - lr * wd, 1 - beta1, beta2, 1 - beta2, step_size, bc2_sqrt, eps))
-        chunk = max(1, _CHUNK_ELEMENTS // cols)
-        for r in range(0, rows, chunk):  # shapes only: no data-dependent branch
-            s = slice(r, r + chunk)
-            self._update_rows(p2[s], g2[s], m8[s], ms[s], vs[s], vsc[s] if vsc is not None else None, *hyper,
-                              block=block, stochastic=sr)
-        if not contiguous:
+        write_back = []
+        kernel_chunks: dict[torch.device, list[tuple[torch.Tensor | None, ...]]] = {}
+        for p, state in items:
+            param = _local(p)
+            if param.numel() == 0:
+                continue
+            cols = param.shape[-1]
+            rows = param.numel() // cols
+            if param.is_contiguous():
+                p2 = param.view(rows, cols)
+            else:  # updated in a contiguous copy (the kernel needs rows with unit stride), copied back
+                p2 = param.contiguous().view(rows, cols)
+                write_back.append((param, p2))
+            g2 = _local(p.grad).reshape(rows, cols)
+            m8 = _local(state["exp_avg"]).view(rows, cols)
+            ms = _local(state["exp_avg_scale"]).view(rows, -1)
+            vs = _local(state["exp_avg_sq"]).view(rows, cols)
+            vsc = _local(state["exp_avg_sq_scale"]).view(rows, -1) if "exp_avg_sq_scale" in state else None
+            # states loaded from a checkpoint keep their saved layout: a transposed one takes the torch path
+            kernel = (self.fused is not False and param.device.type == "cuda" and optim_kernel.available()
+                      and m8.stride(-1) == 1 and vs.stride(-1) == 1)
+            if kernel and g2.stride(-1) != 1:
+                g2 = g2.contiguous()
+            step = max(1, _CHUNK_ELEMENTS // cols)
+            for r in range(0, rows, step):  # shapes only: no data-dependent branch
+                s = slice(r, r + step)
+                chunk = (p2[s], g2[s], m8[s], ms[s], vs[s], vsc[s] if vsc is not None else None)
+                if kernel:
+                    kernel_chunks.setdefault(param.device, []).append(chunk)
+                else:
+                    if hyper is None:
+                        # 0-dim CPU fp32 tensors (the value each kernel would take from a Python
+                        # float): torch.compile makes them graph inputs, where torch 2.11 specialised
+                        # Python floats and recompiled on every new learning rate until its
+                        # recompile limit sent the update back to eager. A CUDA kernel reads a CPU
+                        # scalar without a device sync.
+                        hyper = tuple(torch.tensor(x, dtype=torch.float32) for x in scalars.values())
+                    self._update_rows(*chunk, *hyper, block=block, stochastic=sr)
+        for device, chunks in kernel_chunks.items():
+            # one draw of seeds per step (a device tensor: no host sync), one per launch
+            seeds = torch.randint(0, 2**31 - 1, (len(chunks),), device=device, dtype=torch.int64) if sr else None
+            for i, chunk in enumerate(chunks):
+                optim_kernel.adamw_fp8_update_(*chunk, **scalars, block=block, stochastic=sr, seeds=seeds, seed_index=i)
+        for param, p2 in write_back:
             param.copy_(p2.view_as(param))
 
     # --- checkpoints -----------------------------------------------------------------------------

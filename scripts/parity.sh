@@ -3,6 +3,7 @@
 # leaves most of an H100 idle), then a table of final val losses against the first run.
 #   bash scripts/parity.sh [OUT_DIR] [extra Hydra overrides...]            # fp8 recipes vs bf16
 #   PARITY_SET=optim bash scripts/parity.sh [OUT_DIR] [overrides...]       # AdamWFp8 vs bf16 AdamW
+#   PARITY_ONLY="bf16_adamw tensorwise_adamw_fp8" ...                       # a subset of the set's runs
 # Default shape: llama_125m, 2000 steps of 16 x 256 tokens (8.2M tokens), every linear but
 # lm_head in fp8 (fp8.auto_filter=false: parity is about numerics, and the auto filter would keep
 # this model's 768-wide layers in bf16). Plot: python scripts/plot_runs.py OUT_DIR --out parity.png
@@ -22,6 +23,7 @@ pids=()
 names=()
 for run in "${runs[@]}"; do
   name=${run%%:*}
+  if [[ -n "${PARITY_ONLY:-}" && " ${PARITY_ONLY} " != *" ${name} "* ]]; then continue; fi
   read -r -a sel <<< "${run#*:}"
   names+=("$name")
   python scripts/train.py +recipe=llama_125m_parity "${sel[@]}" fp8.auto_filter=false \

@@ -109,6 +109,42 @@ def test_sparse_and_complex_gradients_are_refused():
         AdamWFp8([p]).step()
 
 
+def test_fused_setting_is_checked_before_any_update(monkeypatch):
+    with pytest.raises(ValueError, match=r"fused='yes' is invalid; valid: None \(auto\), True or False"):
+        AdamWFp8([nn.Parameter(torch.ones(2, 2))], fused="yes")
+    monkeypatch.setattr(optim_mod.optim_kernel, "available", lambda: False)
+    with pytest.raises(ValueError, match="fused=True needs Triton"):
+        AdamWFp8([nn.Parameter(torch.ones(2, 2))], fused=True)
+    monkeypatch.undo()
+    if not optim_mod.optim_kernel.available():
+        return
+    # a CPU parameter with fused=True fails at step(), before any parameter or state is touched
+    a, b = nn.Parameter(torch.ones(4, 8)), nn.Parameter(torch.ones(4, 8))
+    opt = AdamWFp8([{"params": [a]}, {"params": [b]}], fused=True)
+    a.grad, b.grad = torch.ones(4, 8), torch.ones(4, 8)
+    with pytest.raises(ValueError, match=r"fused=True\): param_groups\[0\] has a parameter on cpu"):
+        opt.step()
+    assert torch.equal(a, torch.ones(4, 8)) and not opt.state
+
+
+def test_fp32_moment_parameters_follow_torch_adamw_exactly():
+    """1-dim parameters keep fp32 moments and take torch.optim.AdamW's (foreach) update."""
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(n)) for n in (5, 300)]
+    ref = [nn.Parameter(p.detach().clone()) for p in ps]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    opt, ref_opt = AdamWFp8(ps, **kw), torch.optim.AdamW(ref, foreach=False, **kw)
+    for _ in range(5):
+        for p, r in zip(ps, ref):
+            p.grad = torch.randn(p.shape)
+            r.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-7)  # measured: identical
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
 # --- numerics against torch.optim.AdamW ----------------------------------------------------------
 def _mlp() -> nn.Module:
     torch.manual_seed(0)

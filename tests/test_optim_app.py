@@ -38,6 +38,7 @@ def test_adamw_fp8_option_composes_to_a_validated_config():
         ({"second_moment": "fp16"}, ["OptimConfig.second_moment='fp16'", "bf16"]),
         ({"block_size": 0}, ["OptimConfig.block_size=0"]),
         ({"fp8_reduce_scatter": "yes"}, ["OptimConfig.fp8_reduce_scatter='yes'"]),
+        ({"fused": "auto"}, ["OptimConfig.fused='auto'", "null (auto), true or false"]),
     ],
 )
 def test_optim_config_errors_name_the_field(kwargs, words):

@@ -33,7 +33,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -87,7 +87,10 @@ class OptimConfig:
         block_size: ``adamw_fp8``: elements per fp8 scale.
         second_moment: ``adamw_fp8``: ``"bf16"`` or ``"fp8"``.
         stochastic_rounding: ``adamw_fp8``: round stored moments stochastically.
-        compile: ``adamw_fp8``: ``torch.compile`` its per-parameter update (recommended on GPU).
+        fused: ``adamw_fp8``: its Triton kernel for CUDA parameters (``None``: where it can run,
+            ``true``: required, ``false``: never).
+        compile: ``adamw_fp8``: ``torch.compile`` its torch update path (parameters the kernel
+            does not take: CPU runs, ``fused=false``).
         fp8_reduce_scatter: FSDP2 only: reduce-scatter gradients as fp8 with fp32 accumulation
             (``fp8train.reduce_scatter``); off by default.
 
@@ -105,6 +108,7 @@ class OptimConfig:
     block_size: int = 128
     second_moment: str = "bf16"
     stochastic_rounding: bool = True
+    fused: Optional[bool] = None
     compile: bool = False
     fp8_reduce_scatter: bool = False
 
@@ -129,6 +133,8 @@ class OptimConfig:
             _fail("block_size", self.block_size, "an integer >= 1")
         if self.second_moment not in SECOND_MOMENT_FORMATS:
             _fail("second_moment", self.second_moment, f"one of {list(SECOND_MOMENT_FORMATS)}")
+        if self.fused not in (None, True, False):
+            _fail("fused", self.fused, "null (auto), true or false")
         for flag in ("stochastic_rounding", "compile", "fp8_reduce_scatter"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "true or false")
@@ -302,7 +308,8 @@ class LlamaLightningModule(L.LightningModule):
         if o.name == "adamw_fp8":
             optimizer: torch.optim.Optimizer = AdamWFp8(
                 groups, lr=o.lr, betas=o.betas, eps=o.eps, block_size=o.block_size,
-                second_moment=o.second_moment, stochastic_rounding=o.stochastic_rounding, compile=o.compile,
+                second_moment=o.second_moment, stochastic_rounding=o.stochastic_rounding, fused=o.fused,
+                compile=o.compile,
             )
         else:
             # not fused=True: Lightning's AMP plugin refuses gradient clipping with a fused optimizer
