@@ -39,6 +39,11 @@ last dimension, the block scales shard with the rows. ``state_dict``/``load_stat
 ``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict`` round trip them, resharding
 included. A state dict of ``torch.optim.AdamW`` (fp32 moments) loads too: its moments are quantized.
 
+On CUDA the update of each 2+ dim parameter is one Triton kernel (``fp8train.optim_kernel``:
+every byte read and written once, no temporaries; ``fused=None`` picks it where it can run);
+elsewhere it is the torch ops of ``_update_rows`` (``compile=True`` compiles them), one row
+chunk at a time. Parameters with fp32 moments take ``torch.optim.AdamW``'s foreach update.
+
 ``step()`` reads no device value on the host: the step counters are CPU tensors, as in
 ``torch.optim.AdamW``'s default (for-loop) implementation.
 """
