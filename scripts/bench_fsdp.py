@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=2 scripts/bench_fsdp.py                      # 2 GPUs, all cases
     python scripts/bench_fsdp.py --cases bf16 tensorwise tensorwise+ag     # world size 1 (one GPU)
+    torchrun --nproc_per_node=2 scripts/bench_fsdp.py --tp 2 --cases bf16 tensorwise   # tensor parallel
     torchrun --nproc_per_node=2 scripts/bench_fsdp.py --cpu --model llama_tiny --seq 64 --batch 2 \\
         --warmup 1 --steps 2 --no-compile                                  # CPU smoke test (gloo)
 
@@ -21,6 +22,12 @@ precompute once per step, inside the timed region, as a real run does. After ``-
 counts. Reported per GPU: tokens/s (this rank's batch x seq / step time), MFU against the bf16 dense
 peak for every case, peak memory (max over ranks). Rank 0 prints the table last and writes the raw
 numbers as JSON (``--out``). Timings of different devices or world sizes do not compare.
+
+``--tp N``: a 2-D mesh (``data_parallel`` = world / N, ``tensor_parallel`` = N); each block is
+split over the N ranks first (``fp8train.train.parallel.apply_tensor_parallel``: fp8 GEMMs on
+the local shards for converted layers), then compiled and sharded over ``data_parallel``. The N
+ranks of a group train on the same tokens: ``--batch`` is then sequences per group, and tokens/s
+per GPU is that group's tokens / N. ``+ag`` cases are refused with TP (not supported there).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import fp8train  # noqa: E402
 from fp8train.costmodel import for_current_device  # noqa: E402
 from fp8train.models.llama import Llama, LlamaConfig  # noqa: E402
 from fp8train.perf import flops_per_token, mfu, peak_flops  # noqa: E402
-from fp8train.train.parallel import apply_fsdp2, materialize  # noqa: E402
+from fp8train.train.parallel import apply_fsdp2, apply_tensor_parallel, materialize  # noqa: E402
 
 DEFAULT_CASES = ["bf16", "tensorwise", "tensorwise+ag", "delayed", "delayed+ag"]
 
@@ -84,6 +91,8 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
         fp8train.convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn != "lm_head",
                                             auto_filter=auto)
         n_fp8 = len(fp8train.conversion_report(model).converted)
+    if args.tp > 1:
+        apply_tensor_parallel(model, mesh["tensor_parallel"])
     if args.compile:
         for block in model.layers:
             block.compile()
@@ -92,7 +101,8 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
     delayed = config is not None and config.has_delayed
     precompute = config is not None and config.enable_fsdp_float8_all_gather and not delayed
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    g = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
+    dp_rank = mesh["data_parallel"].get_local_rank()  # the ranks of a TP group share their tokens
+    g = torch.Generator(device=device).manual_seed(1 + dp_rank)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device, generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
     if precompute:
@@ -117,7 +127,7 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
                          device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     ms, peak_mem = worst.tolist()
-    tps = args.batch * args.seq / (ms / 1000)
+    tps = args.batch * args.seq / args.tp / (ms / 1000)
     peak = peak_flops(device, fp8=False)
     del model, opt
     return {
@@ -168,6 +178,7 @@ def main() -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager blocks")
     p.add_argument("--no-auto-filter", dest="auto_filter", action="store_false",
                    help="convert every linear but lm_head (default: bench_train.py's auto filter on CUDA)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per data-parallel group (divides the world)")
     p.add_argument("--cpu", action="store_true", help="smoke-test on CPU with gloo (numbers meaningless)")
     p.add_argument("--out", default="bench_fsdp.json")
     args = p.parse_args()
@@ -182,7 +193,9 @@ def main() -> None:
         torch.set_num_threads(1)
     device = _init_distributed(args.cpu)
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
+    if args.tp < 1 or world % args.tp:
+        raise SystemExit(f"bench_fsdp.py: --tp {args.tp} must be a positive divisor of the world size {world}")
+    mesh = init_device_mesh(device.type, (world // args.tp, args.tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
     cfg = LlamaConfig.from_name(args.model, max_seq_len=max(args.seq, 1))
     results = {}
     for name in args.cases:
@@ -191,14 +204,16 @@ def main() -> None:
             print(f"{name}: {r['tokens_per_s']:.0f} tok/s/GPU, {r['ms_per_step']:.1f} ms/step, MFU {r['mfu_bf16_peak']:.3f}, "
                   f"peak {r['peak_mem_gib']:.1f} GiB, loss {r['final_loss']:.3f}, warmup {r['warmup_s']:.0f}s", flush=True)
     if rank == 0:
-        info = meta(world_size=world, model=args.model, batch_per_gpu=args.batch, seq=args.seq,
+        info = meta(world_size=world, tensor_parallel=args.tp, model=args.model, batch_per_gpu=args.batch, seq=args.seq,
                     compile=args.compile, auto_filter=args.auto_filter and device.type == "cuda")
         if device.type == "cpu":
             info["device"] = "cpu"
         with open(args.out, "w") as f:
             json.dump({"meta": info, "results": results}, f, indent=2)
         optimizer = "fused AdamW" if device.type == "cuda" else "AdamW"
-        print_table(f"{args.model} FSDP2 x {world} ({info['device']}), batch {args.batch} x seq {args.seq} per GPU, "
+        layout = f"FSDP2 x {world // args.tp}" + (f" x TP {args.tp}" if args.tp > 1 else "")
+        per = "per GPU" if args.tp == 1 else f"per TP group of {args.tp}"
+        print_table(f"{args.model} {layout} ({info['device']}), batch {args.batch} x seq {args.seq} {per}, "
                     f"{optimizer}, {'compiled' if args.compile else 'eager'}, torch {info['torch']}, {info['date']}; "
                     f"tok/s and MFU per GPU", results)
     dist.barrier()

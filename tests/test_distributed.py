@@ -205,6 +205,18 @@ def test_bench_fsdp_script_runs_on_two_cpu_ranks(tmp_path):
     bad = subprocess.run([sys.executable, script, "--cpu", "--cases", "rowwise+ag"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "enable_fsdp_float8_all_gather" in bad.stderr, bad.stderr[-2000:]
+    bad = subprocess.run([sys.executable, script, "--cpu", "--tp", "3", "--cases", "bf16"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "--tp 3 must be a positive divisor of the world size 1" in bad.stderr, bad.stderr[-2000:]
+
+    # tensor parallel: the two ranks form one TP group (same tokens), fp8 GEMMs on local shards
+    tp_out = tmp_path / "bench_tp.json"
+    tp_cmd = cmd[: cmd.index("--cases")] + ["--tp", "2", "--cases", "bf16", "tensorwise", "--out", str(tp_out)]
+    proc = subprocess.run(tp_cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    tp = json.loads(tp_out.read_text())
+    assert tp["meta"]["tensor_parallel"] == 2 and "x TP 2" in proc.stdout
+    assert tp["results"]["tensorwise"]["final_loss"] == pytest.approx(tp["results"]["bf16"]["final_loss"], rel=0.05)
 
 
 @pytest.mark.gpu
