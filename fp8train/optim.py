@@ -154,11 +154,11 @@ class AdamWFp8(torch.optim.Optimizer):
         stochastic_rounding: round the stored moments stochastically (unbiased) instead of to nearest.
         amsgrad: must be False (not supported).
         maximize: must be False (not supported).
-        fused: the update of the fp8/bf16 states of CUDA parameters as one Triton kernel per
+        fused: the update of the fp8/bf16 states of GPU parameters as one Triton kernel per
             parameter (``fp8train.optim_kernel``: each byte read and written once). ``None``
-            (default): for CUDA parameters when Triton is installed; ``True``: required (fails at
-            construction without Triton, at ``step()`` for a non-CUDA parameter, before any
-            update); ``False``: never (the torch path below).
+            (default): wherever it runs (Triton installed, NVIDIA GPU of compute capability 8.9+);
+            ``True``: required (fails at construction without Triton, at ``step()`` for a
+            parameter elsewhere, before any update); ``False``: never (the torch path below).
         compile: ``torch.compile`` the torch path of the update (parameters the kernel does not
             take: CPU, or ``fused=False``); eager, it runs ~30 elementwise kernels per parameter.
             One compile per parameter shape until shapes go dynamic; a learning-rate schedule
@@ -167,7 +167,7 @@ class AdamWFp8(torch.optim.Optimizer):
     Raises:
         ValueError: a hyperparameter out of range, naming it, its value and what is valid;
             ``amsgrad``/``maximize`` set; ``fused=True`` without Triton; at ``step()``, a
-            sparse or complex gradient, or (``fused=True``) a parameter off CUDA.
+            sparse or complex gradient, or (``fused=True``) a parameter the kernel cannot take.
 
     Example:
         >>> opt = AdamWFp8(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -286,10 +286,11 @@ class AdamWFp8(torch.optim.Optimizer):
                         f"AdamWFp8: param_groups[{i}] has a {'sparse gradient' if p.grad.is_sparse else 'complex parameter'}"
                         f"; valid: dense real-valued parameters and gradients"
                     )
-                if self.fused and _local(p).device.type != "cuda":
+                if self.fused and not optim_kernel.supports(_local(p).device):
                     raise ValueError(
                         f"AdamWFp8(fused=True): param_groups[{i}] has a parameter on {_local(p).device}; the kernel "
-                        f"runs on CUDA only; valid: move the model to a GPU first, or fused=None / False"
+                        f"runs on NVIDIA GPUs of compute capability 8.9+ only; valid: move the model to such a GPU "
+                        f"first, or fused=None (the kernel where it can run) / False"
                     )
         for group in self.param_groups:
             fp32_moments: dict[float, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
@@ -359,7 +360,7 @@ class AdamWFp8(torch.optim.Optimizer):
             vs = _local(state["exp_avg_sq"]).view(rows, cols)
             vsc = _local(state["exp_avg_sq_scale"]).view(rows, -1) if "exp_avg_sq_scale" in state else None
             # states loaded from a checkpoint keep their saved layout: a transposed one takes the torch path
-            kernel = (self.fused is not False and param.device.type == "cuda" and optim_kernel.available()
+            kernel = (self.fused is not False and optim_kernel.supports(param.device)
                       and m8.stride(-1) == 1 and vs.stride(-1) == 1)
             if kernel and g2.stride(-1) != 1:
                 g2 = g2.contiguous()

@@ -17,10 +17,13 @@ across an fp8/bf16 rounding boundary (tested on GPU). Stochastic rounding draws 
 Philox (``tl.rand``) seeded by ``torch.randint`` on the parameter's
 device (torch's default generator: ``torch.manual_seed`` makes runs repeatable; no host sync).
 
-Triton is optional: ``available()`` says whether the kernel can run here.
+Triton is optional: ``available()`` says whether it is installed, ``supports(device)`` whether
+the kernel runs on a device (NVIDIA, compute capability 8.9+: Triton's e4m3 conversion needs it).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -30,7 +33,7 @@ try:
 except ImportError:  # CPU-only installs; AdamWFp8 then uses its torch path
     triton = None
 
-__all__ = ["available", "adamw_fp8_update_"]
+__all__ = ["available", "supports", "adamw_fp8_update_"]
 
 E4M3_MAX = 448.0
 _MIN_AMAX = 1e-30
@@ -39,8 +42,19 @@ _ELEMENTS_PER_PROGRAM = 2048
 
 
 def available() -> bool:
-    """True when Triton is importable (the kernel also needs the tensors on a CUDA device)."""
+    """True when Triton is importable (see ``supports`` for the device)."""
     return triton is not None
+
+
+def supports(device: torch.device) -> bool:
+    """True when the kernel runs on ``device``: Triton installed, an NVIDIA GPU of compute
+    capability 8.9 or newer (Ada, Hopper, Blackwell; an A100 has no e4m3 conversion)."""
+    return available() and device.type == "cuda" and torch.version.hip is None and _capability(device) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 if triton is not None:

@@ -127,6 +127,19 @@ def test_fused_setting_is_checked_before_any_update(monkeypatch):
     assert torch.equal(a, torch.ones(4, 8)) and not opt.state
 
 
+def test_kernel_is_chosen_only_where_it_runs(monkeypatch):
+    """NVIDIA, compute capability 8.9+ (Triton's e4m3 conversion): an A100 or a CPU takes the torch path."""
+    K = optim_mod.optim_kernel
+    monkeypatch.setattr(K, "available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    for cap, want in (((8, 0), False), ((8, 9), True), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(K, "_capability", lambda d, cap=cap: cap)
+        assert K.supports(cuda) is want, cap
+    assert not K.supports(torch.device("cpu"))
+    monkeypatch.setattr(K, "available", lambda: False)
+    assert not K.supports(cuda)
+
+
 def test_fp32_moment_parameters_follow_torch_adamw_exactly():
     """1-dim parameters keep fp32 moments and take torch.optim.AdamW's (foreach) update."""
     torch.manual_seed(0)
