@@ -51,6 +51,7 @@ chunk at a time. Parameters with fp32 moments take ``torch.optim.AdamW``'s forea
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any, Callable
@@ -76,6 +77,7 @@ SECOND_MOMENT_FORMATS = ("bf16", "fp8")
 # temporaries of 4 bytes: ~320 MiB), so the step's transient memory does not grow with the largest
 # parameter (the 1.2B Llama's embedding has 67M elements)
 _CHUNK_ELEMENTS = 1 << 24
+_QUANTIZED_STATES = ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")
 
 
 def state_bytes_per_param(second_moment: str = "bf16", block_size: int = 128) -> float:
@@ -207,6 +209,7 @@ class AdamWFp8(torch.optim.Optimizer):
                 "wheels); valid: fused=None (use the kernel where it can run) or fused=False"
             )
         self.fused = fused
+        self._kernel_error: Exception | None = None  # set when the kernel failed under fused=None
         # one fused kernel set per parameter shape instead of ~30 elementwise kernels; the
         # scalars (lr, bias corrections) are tensor inputs, so a schedule does not recompile
         self._update_rows = torch.compile(_update_rows, fullgraph=True) if compile else _update_rows
@@ -286,6 +289,15 @@ class AdamWFp8(torch.optim.Optimizer):
                         f"AdamWFp8: param_groups[{i}] has a {'sparse gradient' if p.grad.is_sparse else 'complex parameter'}"
                         f"; valid: dense real-valued parameters and gradients"
                     )
+                state = self.state.get(p)
+                if state and "exp_avg_scale" in state:
+                    _check_state_fits(p, state, group, f"AdamWFp8: param_groups[{i}]")
+                if self.fused and _quantizable(p) and not optim_kernel.fits(p.shape[-1], group["block_size"]):
+                    raise ValueError(
+                        f"AdamWFp8(fused=True): param_groups[{i}] has block_size={group['block_size']} for rows of "
+                        f"{p.shape[-1]} elements, more than the kernel holds; valid: a block_size <= "
+                        f"{optim_kernel.MAX_BLOCK}, or fused=None / False"
+                    )
                 if self.fused and not optim_kernel.supports(_local(p).device):
                     raise ValueError(
                         f"AdamWFp8(fused=True): param_groups[{i}] has a parameter on {_local(p).device}; the kernel "
@@ -337,55 +349,80 @@ class AdamWFp8(torch.optim.Optimizer):
 
     def _update_quantized(self, items: list[tuple[torch.Tensor, dict[str, Any]]], group: dict[str, Any],
                           t: float) -> None:
-        """The fp8/bf16-moment update of ``items``, one ``[rows, C]`` row chunk at a time."""
+        """The fp8/bf16-moment update of ``items``, one ``[rows, C]`` row chunk at a time: the Triton
+        kernel where it runs (``_use_kernel``), else the torch ops of ``_update_rows``."""
         scalars = self._scalars(group, t)
         hyper = None  # the torch path's scalars, made on first use
         block, sr = group["block_size"], group["stochastic_rounding"]
-        write_back = []
-        kernel_chunks: dict[torch.device, list[tuple[torch.Tensor | None, ...]]] = {}
-        for p, state in items:
+        plan = [(p, state, self._use_kernel(p, state, block)) for p, state in items if _local(p).numel()]
+        seeds: dict[torch.device, torch.Tensor] = {}
+        if sr:  # one draw of seeds per device and step (a device tensor: no host sync), one per launch
+            launches: dict[torch.device, int] = {}
+            for p, _, kernel in plan:
+                if kernel:
+                    d = _local(p).device
+                    launches[d] = launches.get(d, 0) + len(_row_chunks(_local(p)))
+            seeds = {d: torch.randint(0, 2**63 - 1, (n,), device=d, dtype=torch.int64) for d, n in launches.items()}
+        used: dict[torch.device, int] = {}
+        for p, state, kernel in plan:
+            kernel = kernel and self._kernel_error is None  # it may have failed on an earlier parameter
             param = _local(p)
-            if param.numel() == 0:
-                continue
             cols = param.shape[-1]
             rows = param.numel() // cols
-            if param.is_contiguous():
-                p2 = param.view(rows, cols)
-            else:  # updated in a contiguous copy (the kernel needs rows with unit stride), copied back
-                p2 = param.contiguous().view(rows, cols)
-                write_back.append((param, p2))
+            # updated in place, or in a contiguous copy (the kernel needs rows of unit stride) copied back
+            p2 = param.view(rows, cols) if param.is_contiguous() else param.contiguous().view(rows, cols)
             g2 = _local(p.grad).reshape(rows, cols)
+            if kernel and g2.stride(-1) != 1:
+                g2 = g2.contiguous()
             m8 = _local(state["exp_avg"]).view(rows, cols)
             ms = _local(state["exp_avg_scale"]).view(rows, -1)
             vs = _local(state["exp_avg_sq"]).view(rows, cols)
             vsc = _local(state["exp_avg_sq_scale"]).view(rows, -1) if "exp_avg_sq_scale" in state else None
-            # states loaded from a checkpoint keep their saved layout: a transposed one takes the torch path
-            kernel = (self.fused is not False and optim_kernel.supports(param.device)
-                      and m8.stride(-1) == 1 and vs.stride(-1) == 1)
-            if kernel and g2.stride(-1) != 1:
-                g2 = g2.contiguous()
-            step = max(1, _CHUNK_ELEMENTS // cols)
-            for r in range(0, rows, step):  # shapes only: no data-dependent branch
-                s = slice(r, r + step)
+            for s in _row_chunks(param):
                 chunk = (p2[s], g2[s], m8[s], ms[s], vs[s], vsc[s] if vsc is not None else None)
                 if kernel:
-                    kernel_chunks.setdefault(param.device, []).append(chunk)
-                else:
-                    if hyper is None:
-                        # 0-dim CPU fp32 tensors (the value each kernel would take from a Python
-                        # float): torch.compile makes them graph inputs, where torch 2.11 specialised
-                        # Python floats and recompiled on every new learning rate until its
-                        # recompile limit sent the update back to eager. A CUDA kernel reads a CPU
-                        # scalar without a device sync.
-                        hyper = tuple(torch.tensor(x, dtype=torch.float32) for x in scalars.values())
-                    self._update_rows(*chunk, *hyper, block=block, stochastic=sr)
-        for device, chunks in kernel_chunks.items():
-            # one draw of seeds per step (a device tensor: no host sync), one per launch
-            seeds = torch.randint(0, 2**31 - 1, (len(chunks),), device=device, dtype=torch.int64) if sr else None
-            for i, chunk in enumerate(chunks):
-                optim_kernel.adamw_fp8_update_(*chunk, **scalars, block=block, stochastic=sr, seeds=seeds, seed_index=i)
-        for param, p2 in write_back:
-            param.copy_(p2.view_as(param))
+                    kernel = self._launch(chunk, scalars, block, sr, seeds.get(param.device), used, param.device)
+                    if kernel:
+                        continue
+                if hyper is None:
+                    # 0-dim CPU fp32 tensors (the value each kernel would take from a Python
+                    # float): torch.compile makes them graph inputs, where torch 2.11 specialised
+                    # Python floats and recompiled on every new learning rate until its recompile
+                    # limit sent the update back to eager. A CUDA kernel reads a CPU scalar without
+                    # a device sync.
+                    hyper = tuple(torch.tensor(x, dtype=torch.float32) for x in scalars.values())
+                self._update_rows(*chunk, *hyper, block=block, stochastic=sr)
+            if p2.data_ptr() != param.data_ptr():
+                param.copy_(p2.view_as(param))
+
+    def _use_kernel(self, p: torch.Tensor, state: dict[str, Any], block: int) -> bool:
+        """Whether ``p``'s update goes to the Triton kernel: allowed (``fused``), not failed before,
+        a device it runs on, unit-stride state rows (a checkpoint may hold another layout) and a
+        block it can hold in registers."""
+        if self.fused is False or self._kernel_error is not None:
+            return False
+        param = _local(p)
+        if not optim_kernel.supports(param.device) or not optim_kernel.fits(param.shape[-1], block):
+            return False
+        return all(_local(state[k]).stride(-1) == 1 for k in _QUANTIZED_STATES if k in state)
+
+    def _launch(self, chunk: tuple[torch.Tensor | None, ...], scalars: dict[str, float], block: int, sr: bool,
+                seeds: torch.Tensor | None, used: dict[torch.device, int], device: torch.device) -> bool:
+        """Run the kernel on one chunk; False (after a warning, once) if it failed to compile or launch
+        under ``fused=None``, so that this chunk and the rest take the torch path."""
+        try:
+            with torch.cuda.device(device):  # Triton launches on the current device
+                optim_kernel.adamw_fp8_update_(*chunk, **scalars, block=block, stochastic=sr, seeds=seeds,
+                                               seed_index=used.get(device, 0))
+        except Exception as e:  # noqa: BLE001 - any compile/launch failure falls back under fused=None
+            if self.fused:
+                raise
+            self._kernel_error = e
+            warnings.warn(f"AdamWFp8: the Triton update kernel failed ({type(e).__name__}: {e}); this optimizer "
+                          f"uses its torch path from now on (fused=False silences this)", stacklevel=4)
+            return False
+        used[device] = used.get(device, 0) + 1
+        return True
 
     # --- checkpoints -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -445,15 +482,34 @@ class AdamWFp8(torch.optim.Optimizer):
                      _local(state["exp_avg_sq_scale"]).view(rows, -1) if "exp_avg_sq_scale" in state else None,
                      group["block_size"], stochastic=False)
             return
-        want_scale = blockwise_scale_shape(p.shape, group["block_size"])
-        got_v = "fp8" if "exp_avg_sq_scale" in state else "bf16"
-        if tuple(state["exp_avg_scale"].shape) != want_scale or got_v != group["second_moment"]:
-            raise ValueError(
-                f"AdamWFp8.load_state_dict: {where} (shape {tuple(p.shape)}) was saved with exp_avg_scale of shape "
-                f"{tuple(state['exp_avg_scale'].shape)} and second_moment={got_v!r}; this optimizer has "
-                f"block_size={group['block_size']} (scale shape {want_scale}) and "
-                f"second_moment={group['second_moment']!r}: build it with the saved settings"
-            )
+        _check_state_fits(p, state, group, f"AdamWFp8.load_state_dict: {where}", fix="build it with the saved settings")
+        for key in ("exp_avg", "exp_avg_sq"):  # an older checkpoint may hold another layout
+            if not state[key].is_contiguous():
+                state[key] = state[key].contiguous()
+
+
+def _check_state_fits(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], where: str,
+                      fix: str = "keep the block_size and second_moment the state was made with") -> None:
+    """Raise ``ValueError`` when ``state``'s quantized moments do not match the group's ``block_size``
+    and ``second_moment`` (a setting changed after the first step, or a checkpoint of other settings)."""
+    want_scale = blockwise_scale_shape(p.shape, group["block_size"])
+    got_v = "fp8" if "exp_avg_sq_scale" in state else "bf16"
+    if tuple(state["exp_avg_scale"].shape) != want_scale or got_v != group["second_moment"]:
+        raise ValueError(
+            f"{where} (parameter shape {tuple(p.shape)}): the state has exp_avg_scale of shape "
+            f"{tuple(state['exp_avg_scale'].shape)} and second_moment={got_v!r}; the group has "
+            f"block_size={group['block_size']} (scale shape {want_scale}) and "
+            f"second_moment={group['second_moment']!r}: {fix}"
+        )
+
+
+def _row_chunks(param: torch.Tensor) -> list[slice]:
+    """Row slices of ``param`` seen as ``[rows, C]``, at most ``_CHUNK_ELEMENTS`` elements each
+    (one row at least): the unit of one kernel launch or one torch-path call."""
+    cols = param.shape[-1]
+    rows = param.numel() // cols
+    step = max(1, _CHUNK_ELEMENTS // cols)
+    return [slice(r, r + step) for r in range(0, rows, step)]  # shapes only: no data-dependent branch
 
 
 def _store_v(v: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor | None, block: int, stochastic: bool) -> None:

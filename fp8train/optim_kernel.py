@@ -33,12 +33,14 @@ try:
 except ImportError:  # CPU-only installs; AdamWFp8 then uses its torch path
     triton = None
 
-__all__ = ["available", "supports", "adamw_fp8_update_"]
+__all__ = ["MAX_BLOCK", "available", "fits", "supports", "adamw_fp8_update_"]
 
 E4M3_MAX = 448.0
 _MIN_AMAX = 1e-30
 # elements per program: enough in flight per SM to saturate HBM, few enough to stay in registers
 _ELEMENTS_PER_PROGRAM = 2048
+#: the most elements of one block (of one row, when the block is wider) a program holds
+MAX_BLOCK = 8192
 
 
 def available() -> bool:
@@ -50,6 +52,12 @@ def supports(device: torch.device) -> bool:
     """True when the kernel runs on ``device``: Triton installed, an NVIDIA GPU of compute
     capability 8.9 or newer (Ada, Hopper, Blackwell; an A100 has no e4m3 conversion)."""
     return available() and device.type == "cuda" and torch.version.hip is None and _capability(device) >= (8, 9)
+
+
+def fits(cols: int, block: int) -> bool:
+    """True when rows of ``cols`` elements with scales per ``block`` suit the kernel: a block (or
+    the row, if narrower) of at most ``MAX_BLOCK`` elements, and int32 offsets within a chunk."""
+    return min(block, cols) <= MAX_BLOCK and cols < 2**30
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +72,7 @@ if triton is not None:
         """``[TILE, BLOCK]`` fp32 -> (e4m3 values, ``[TILE]`` fp32 dequantization scales)."""
         amax = tl.max(tl.abs(x), axis=1)
         nonzero = amax > 1e-30
-        inv = tl.where(nonzero, 448.0 / tl.maximum(amax, 1e-30), 0.0)
+        inv = tl.where(nonzero, tl.div_rn(448.0, tl.maximum(amax, 1e-30)), 0.0)
         y = x * inv[:, None]
         if STOCHASTIC:
             # one e4m3 ulp of y, from its fp32 exponent (subnormals: 2**-9), times uniform(-0.5, 0.5)
@@ -73,12 +81,12 @@ if triton is not None:
             ulp = ((ulp_exp + 127) << 23).to(tl.float32, bitcast=True)
             y = y + (inv_rand - 0.5) * ulp
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        return y.to(tl.float8e4nv), tl.where(nonzero, amax / 448.0, 0.0)
+        return y.to(tl.float8e4nv), tl.where(nonzero, tl.div_rn(amax, 448.0), 0.0)
 
     @triton.jit(do_not_specialize=["seed_index"])
     def _adamw_fp8_kernel(
         p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, seed_ptr, seed_index,
-        n_blocks, nblk, cols, p_stride, g_stride, m_stride, ms_stride, v_stride, vs_stride,
+        n_blocks, nblk, cols, numel, p_stride, g_stride, m_stride, ms_stride, v_stride, vs_stride,
         decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
         BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, TILE: tl.constexpr, FLAT: tl.constexpr,
         V_FP8: tl.constexpr, STOCHASTIC: tl.constexpr,
@@ -119,7 +127,7 @@ if triton is not None:
         if STOCHASTIC:
             seed = tl.load(seed_ptr + seed_index)
             rand_m = tl.rand(seed, lin)
-            rand_v = tl.rand(seed, lin + n_blocks * BLOCK)  # a second, disjoint Philox stream
+            rand_v = tl.rand(seed, lin + numel)  # a second, disjoint Philox stream
         else:
             rand_m = 0.0
             rand_v = 0.0
@@ -165,24 +173,37 @@ def adamw_fp8_update_(
             generator for this launch.
     """
     rows, cols = p.shape
+    nblk = -(-cols // block)
+    v8 = v_scale is not None
+    checks = (
+        (g.shape == p.shape and m8.shape == p.shape and v_store.shape == p.shape, "g, m8, v_store shaped like p"),
+        (tuple(m_scale.shape) == (rows, nblk) and (not v8 or tuple(v_scale.shape) == (rows, nblk)),
+         f"scales of shape ({rows}, ceil({cols} / block={block})) = ({rows}, {nblk})"),
+        (m8.dtype == torch.float8_e4m3fn and v_store.dtype == (torch.float8_e4m3fn if v8 else torch.bfloat16)
+         and m_scale.dtype == torch.float32 and (not v8 or v_scale.dtype == torch.float32),
+         "e4m3 m8, bf16 v_store (e4m3 with v_scale), fp32 scales"),
+        (all(t.stride(-1) == 1 for t in (p, g, m8, v_store, m_scale) + ((v_scale,) if v8 else ())),
+         "every operand's last dimension contiguous"),
+        (fits(cols, block), f"min(block, C) <= {MAX_BLOCK} and C < 2**30"),
+    )
+    for ok, want in checks:
+        if not ok:
+            raise ValueError(f"adamw_fp8_update_: p {tuple(p.shape)}, block={block}: needs {want}")
     if rows == 0 or cols == 0:
         return
     tensors = (p, g, m8, v_store)
-    if any(t.stride(-1) != 1 for t in tensors):
-        raise ValueError("adamw_fp8_update_: every [rows, C] operand needs a contiguous last dimension")
-    nblk = m_scale.shape[1]
-    block_p2 = triton.next_power_of_2(block)
+    block_p2 = triton.next_power_of_2(min(block, cols))
     tile = max(1, _ELEMENTS_PER_PROGRAM // block_p2)
     n_blocks = rows * nblk
     if stochastic and seeds is None:  # from the device's generator (a device tensor: no host sync)
-        seeds, seed_index = torch.randint(0, 2**31 - 1, (1,), device=p.device, dtype=torch.int64), 0
+        seeds, seed_index = torch.randint(0, 2**63 - 1, (1,), device=p.device, dtype=torch.int64), 0
     seed = seeds if stochastic else m_scale  # never read without STOCHASTIC
     vs = v_scale if v_scale is not None else m_scale  # never read without V_FP8
     flat = block == block_p2 and cols % block == 0 and all(t.is_contiguous() for t in (*tensors, m_scale, vs))
     grid = (triton.cdiv(n_blocks, tile),)
     _adamw_fp8_kernel[grid](
         p, g, m8, m_scale, v_store, vs, seed, seed_index,
-        n_blocks, nblk, cols, p.stride(0), g.stride(0), m8.stride(0), m_scale.stride(0), v_store.stride(0),
+        n_blocks, nblk, cols, rows * cols, p.stride(0), g.stride(0), m8.stride(0), m_scale.stride(0), v_store.stride(0),
         vs.stride(0),
         decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
         BLOCK=block, BLOCK_P2=block_p2, TILE=tile, FLAT=flat, V_FP8=v_scale is not None, STOCHASTIC=stochastic,
