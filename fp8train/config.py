@@ -34,6 +34,7 @@ __all__ = [
     "LinearMMConfig",
     "Float8LinearConfig",
     "FP8_DTYPES",
+    "CAST_KERNELS",
     "recipe_names",
 ]
 
@@ -42,6 +43,9 @@ FP8_DTYPES: dict[str, torch.dtype] = {
     "e4m3fn": torch.float8_e4m3fn,
     "e5m2": torch.float8_e5m2,
 }
+
+#: values of ``Float8LinearConfig.cast_kernel``.
+CAST_KERNELS: tuple[str, ...] = ("auto", "triton", "torch")
 
 
 def _fail(owner: str, name: str, value: Any, valid: str) -> None:
@@ -269,6 +273,12 @@ class Float8LinearConfig:
         enable_fsdp_float8_all_gather: cast weights to fp8 before FSDP2's all-gather.
         pad_inner_dim: force ``pad_inner_dim=True`` on all three GEMMs.
         delayed_scaling: history settings, used by operands with ``scaling_type='delayed'``.
+        cast_kernel: who runs tensorwise casts on CUDA: ``"auto"`` (in eager mode the Triton
+            kernel of ``fp8train.cast_kernel`` where it runs — NVIDIA compute capability 8.9+ with
+            Triton — and torch ops under ``torch.compile``, where inductor fuses casts into their
+            producers), ``"triton"`` (the kernel, also under compile: faster for a lone layer,
+            slower and more memory in a whole compiled model; a forward on a device without it
+            fails, naming this field) or ``"torch"`` (torch ops). The fp8 values are the same.
 
     Raises:
         ValueError: naming the field and the valid choices, e.g. when one GEMM would multiply an
@@ -295,9 +305,12 @@ class Float8LinearConfig:
     enable_fsdp_float8_all_gather: bool = False
     pad_inner_dim: bool = False
     delayed_scaling: DelayedScalingConfig = field(default_factory=DelayedScalingConfig)
+    cast_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         o = "Float8LinearConfig"
+        if self.cast_kernel not in CAST_KERNELS:
+            _fail(o, "cast_kernel", self.cast_kernel, f"one of {list(CAST_KERNELS)}")
         for name in ("cast_config_input", "cast_config_weight", "cast_config_grad_output"):
             object.__setattr__(self, name, _as_cast(o, name, getattr(self, name), optional=False))
         for name in (
@@ -390,9 +403,9 @@ class Float8LinearConfig:
 
     @property
     def name(self) -> str:
-        """The recipe name this config equals, or ``"custom"``."""
+        """The recipe name this config equals (whatever its ``cast_kernel``), or ``"custom"``."""
         for rname, make in _RECIPES.items():
-            if make() == self:
+            if dataclasses.replace(make(), cast_kernel=self.cast_kernel) == self:
                 return rname
         return "custom"
 

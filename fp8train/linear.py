@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from fp8train import cast_kernel
 from fp8train.config import CastConfig, Float8LinearConfig, GemmInputRole, LinearMMConfig, ScaledMMConfig, ScalingType
 from fp8train.delayed import record_amax, register_delayed_buffers
 from fp8train.fsdp import enable_float8_all_gather
@@ -70,25 +71,37 @@ def _cast(
     plan: _Plan,
     scale: torch.Tensor | None = None,
     amax: torch.Tensor | None = None,
+    *,
+    rows: bool = True,
+    cols: bool = False,
 ) -> Operand:
     """The one cast decision: hp passthrough, delayed (stored scale), or dynamic (own amax).
 
     ``reduce_dim`` is the operand's GEMM inner dimension (used by axiswise and MX casts).
     ``scale``/``amax`` are the delayed-scaling buffers of this role (``None`` when not delayed);
     the current amax is always recorded into ``amax`` so the next sync sees it.
+    ``rows``/``cols``: the layouts of the fp8 data this layer's GEMMs will take (row-major,
+    column-major). The Triton cast kernel writes exactly those from one read of ``t``; torch casts
+    write row-major and a GEMM that needs the other layout copies it.
     """
     if not cfg.enabled:
         return t.to(plan.compute_dtype)
     if cfg.mx:  # MX blocks along the inner dim; always dynamic
         return mx_cast(t, cfg, reduce_dim)
     pow2 = plan.config.round_scales_to_power_of_2
+    kernel = _kernel_casts(t, cfg, plan)
     if cfg.scaling_type is ScalingType.DELAYED and scale is not None:
-        if amax is not None and (plan.record_grad_amax if role is GRAD_OUTPUT else plan.record_amax):
+        record = amax is not None and (plan.record_grad_amax if role is GRAD_OUTPUT else plan.record_amax)
+        if plan.use_stored_scales and kernel:  # cast and amax from one read
+            return _kernel_cast(t, scale, cfg.target_dtype, rows, cols, amax if record else None)
+        if record:
             record_amax(amax, t)
         if plan.use_stored_scales:
             return Fp8Operand(saturated_cast(t, scale, cfg.target_dtype), scale)
     dim = reduce_dim % t.dim() if cfg.axiswise else None
     s = amax_to_scale(tensor_amax(t, dim), cfg.target_dtype, pow2)
+    if kernel:
+        return _kernel_cast(t, s, cfg.target_dtype, rows, cols, None)
     if dim == 0 and t.dim() == 2:
         # Reduced along the token dim M: the grad_weight GEMM wants this operand M-major. Cast the
         # transpose straight into that layout (one fused pass under inductor) instead of casting
@@ -96,6 +109,31 @@ def _cast(
         data_t = saturated_cast(t.t(), s.t(), cfg.target_dtype).contiguous()
         return Fp8Operand(data_t.t(), s)
     return Fp8Operand(saturated_cast(t, s, cfg.target_dtype), s)
+
+
+def _kernel_casts(t: torch.Tensor, cfg: CastConfig, plan: _Plan) -> bool:
+    """Does the Triton kernel cast ``t``? Tensorwise casts on a device it runs on, with ``cast_kernel``
+    ``"triton"``, or ``"auto"`` outside torch.compile."""
+    mode = plan.config.cast_kernel
+    if mode == "torch" or cfg.axiswise or (mode == "auto" and torch.compiler.is_compiling()):
+        # Under torch.compile, "auto" leaves casts to inductor: it fuses them into their producers
+        # (SwiGLU, RMSNorm, the previous GEMM's epilogue) and recomputes them in backward instead of
+        # saving fp8 copies. llama_1b on an H200: 88,493 tokens/s and 38.3 GiB with inductor's casts,
+        # 87,601 and 42.1 GiB with the kernel (PERF_NOTES entry 15). An opaque kernel wins only where
+        # nothing can be fused into the cast (a lone layer: up to 4% faster).
+        return False
+    return cast_kernel.fits(t, cfg.target_dtype)
+
+
+def _kernel_cast(
+    t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rows: bool, cols: bool, amax: torch.Tensor | None
+) -> Fp8Operand:
+    y, yt, seen = cast_kernel.cast_transpose(t, scale, dtype, row_major=rows, transposed=cols, amax=amax is not None)
+    if amax is not None:
+        amax.copy_(torch.maximum(amax, seen))
+    if y is None:
+        return Fp8Operand(yt.t(), scale)
+    return Fp8Operand(y, scale, None if yt is None else yt.t())
 
 
 def _gemm(a: Operand, b: Operand, cfg: ScaledMMConfig, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
@@ -119,6 +157,14 @@ def _given(t: Float8Tensor) -> Fp8Operand:
 def _hp(t: torch.Tensor, t8: Operand) -> torch.Tensor:
     """``t`` in high precision, for a backward GEMM that casts it differently from the forward."""
     return t8.dequantize(t.dtype) if isinstance(t, Float8Tensor) else t
+
+
+def _column_major(t8: Operand) -> Operand:
+    """The layout of ``t8`` that backward's GEMM takes (column-major, when the cast wrote it): saving
+    only that one keeps the saved fp8 bytes at one copy."""
+    if isinstance(t8, Fp8Operand) and t8.other is not None:
+        return Fp8Operand(t8.other, t8.scale)
+    return t8
 
 
 def _link(t: torch.Tensor) -> torch.Tensor:
@@ -147,17 +193,22 @@ class _Float8LinearFn(torch.autograd.Function):
         delayed, cache = (state[:6], state[6:]) if cfg.has_delayed else ((), state)
         amax_x, amax_w, amax_go, scale_x, scale_w, scale_go = delayed or (None,) * 6
 
+        need_dx, need_dw = plan.need_grad_input, plan.need_grad_weight
+        x_reused = _reusable(cfg.cast_config_input, cfg.input_for_grad_weight)
+        w_reused = _reusable(cfg.cast_config_weight, cfg.weight_for_grad_input)
+
         # GEMM 1: output = input @ weight.T      [M,K] @ [K,N] -> [M,N]
+        # (a cast that backward reuses is also written column-major, the layout its backward GEMM takes)
         if isinstance(x, Float8Tensor):
             x8 = _given(x)
         else:
-            x8 = _cast(x, cfg.cast_config_input, INPUT, -1, plan, scale_x, amax_x)
+            x8 = _cast(x, cfg.cast_config_input, INPUT, -1, plan, scale_x, amax_x, cols=need_dw and x_reused)
         if isinstance(weight, Float8Tensor):
             w8 = _given(weight)
         elif plan.weight_cache == "reuse":  # a later micro-batch: the weight has not changed since "fill"
             w8 = Fp8Operand(cache[0], cache[1])
         else:
-            w8 = _cast(weight, cfg.cast_config_weight, WEIGHT, -1, plan, scale_w, amax_w)
+            w8 = _cast(weight, cfg.cast_config_weight, WEIGHT, -1, plan, scale_w, amax_w, cols=need_dx and w_reused)
             if plan.weight_cache == "fill":
                 cache[0].copy_(w8.data)
                 cache[1].copy_(w8.scale)
@@ -168,9 +219,8 @@ class _Float8LinearFn(torch.autograd.Function):
             # an exact zero (1-element products; inductor fuses the add into the next pointwise op).
             out = out + (_link(x) + _link(weight)).to(out.dtype)
 
-        need_dx, need_dw = plan.need_grad_input, plan.need_grad_weight
-        x_keep = x8 if _reusable(cfg.cast_config_input, cfg.input_for_grad_weight) else _hp(x, x8)
-        w_keep = w8 if _reusable(cfg.cast_config_weight, cfg.weight_for_grad_input) else _hp(weight, w8)
+        x_keep = _column_major(x8) if x_reused else _hp(x, x8)
+        w_keep = _column_major(w8) if w_reused else _hp(weight, w8)
         # Fp8Operand is a tuple: save its tensors and rebuild it in backward
         x_saved = (x_keep if need_dw else None)
         w_saved = (w_keep if need_dx else None)
@@ -197,7 +247,10 @@ class _Float8LinearFn(torch.autograd.Function):
         x_dtype, w_dtype = ctx.dtypes
         need_dx, need_dw = plan.need_grad_input, plan.need_grad_weight
         grad_out = grad_out.contiguous()
-        go8 = _cast(grad_out, cfg.cast_config_grad_output, GRAD_OUTPUT, -1, plan, scale_go, amax_go)
+        go_reused = _reusable(cfg.cast_config_grad_output, cfg.grad_output_for_grad_weight)
+        go_cols = need_dw and go_reused  # grad_weight takes grad_output.T row-major: grad_output column-major
+        go8 = _cast(grad_out, cfg.cast_config_grad_output, GRAD_OUTPUT, -1, plan, scale_go, amax_go,
+                    rows=need_dx or not go_cols, cols=go_cols)
 
         grad_x = grad_w = None
         if need_dx:
@@ -206,7 +259,7 @@ class _Float8LinearFn(torch.autograd.Function):
             grad_x = _gemm(go8, w_gi, plan.mm.grad_input, x_dtype, plan.compute_dtype)
         if need_dw:
             # GEMM 3: grad_weight = grad_output.T @ input    [N,M] @ [M,K] -> [N,K]
-            if _reusable(cfg.cast_config_grad_output, cfg.grad_output_for_grad_weight):
+            if go_reused:
                 go_gw = go8
             else:
                 go_gw = _cast(grad_out, cfg.grad_output_for_grad_weight, GRAD_OUTPUT, 0, plan)
@@ -294,6 +347,11 @@ class Float8Linear(nn.Linear):
             hp = [from_float8(t) if isinstance(t, Float8Tensor) else t for t in (input, weight)]
             return F.linear(hp[0], hp[1], bias)
         device_type = input.device.type
+        if self.config.cast_kernel == "triton" and not cast_kernel.supports(input.device):
+            raise ValueError(
+                f"Float8LinearConfig.cast_kernel='triton' needs Triton and an NVIDIA GPU of compute capability "
+                f"8.9+; this layer runs on {input.device}. Set cast_kernel='auto' (the kernel where it runs) or 'torch'"
+            )
         autocast = torch.is_autocast_enabled(device_type)
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else input.dtype
         plan = _Plan(

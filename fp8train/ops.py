@@ -47,9 +47,20 @@ class Fp8Operand(NamedTuple):
 
     data: torch.Tensor
     scale: torch.Tensor  # 0-dim (tensorwise), [rows, 1] or [1, cols] (axiswise)
+    # the same fp8 values in the other memory layout (column-major when data is row-major), when a
+    # cast produced both at once (fp8train.cast_kernel): the GEMM takes whichever layout it needs
+    other: torch.Tensor | None = None
 
     def t(self) -> "Fp8Operand":
-        return Fp8Operand(self.data.t(), self.scale.t() if self.scale.dim() == 2 else self.scale)
+        other = None if self.other is None else self.other.t()
+        return Fp8Operand(self.data.t(), self.scale.t() if self.scale.dim() == 2 else self.scale, other)
+
+    def layout(self, row_major: bool) -> torch.Tensor:
+        """The data row-major (``row_major``) or column-major, copying only when no layout held fits."""
+        for d in (self.data, self.other):
+            if d is not None and (d.is_contiguous() if row_major else d.t().is_contiguous()):
+                return d
+        return self.data.contiguous() if row_major else self.data.t().contiguous().t()
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.data.to(torch.float32) / self.scale).to(dtype)
@@ -90,15 +101,11 @@ def scaled_mm_operands(a: Fp8Operand, b: Fp8Operand, config: ScaledMMConfig, out
         y = torch.mm(a.dequantize(torch.float32), b.dequantize(torch.float32)).to(out_dtype)
         return _round_through_fp8(y) if config.fp8_output else y
 
-    a_data, b_data = a.data, b.data
+    a_data, b_data = a.layout(row_major=True), b.layout(row_major=False)
     if not is_aligned(k):
         pad = _ALIGN - k % _ALIGN
         a_data = _pad_cols(a_data, pad)
         b_data = _pad_cols(b_data.t(), pad).t()  # zero rows of b, kept column-major
-    if not a_data.is_contiguous():
-        a_data = a_data.contiguous()
-    if not b_data.t().is_contiguous():
-        b_data = b_data.t().contiguous().t()
 
     scale_a = _scale_inv(a.scale, m, None)
     scale_b = _scale_inv(b.scale, None, n)

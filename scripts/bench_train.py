@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import fp8train
+from fp8train.config import CAST_KERNELS
 from fp8train.costmodel import for_current_device
 from fp8train.models.llama import Llama, LlamaConfig
 from fp8train.perf import flops_per_token, mfu, peak_flops
@@ -79,10 +80,13 @@ def meta(**extra: Any) -> dict[str, Any]:
             "commit": commit, **extra}
 
 
-def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, steps: int) -> dict[str, float]:
+def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, steps: int,
+             eager: bool = False) -> dict[str, float]:
     """One case: ``bf16``, a recipe name (auto filter on, the default on CUDA), or ``<recipe>+all``
-    (every linear but ``lm_head`` converted, auto filter off)."""
-    recipe, _, variant = name.partition("+")
+    (every linear but ``lm_head`` converted, auto filter off); a ``/<cast_kernel>`` suffix sets
+    ``Float8LinearConfig.cast_kernel`` (``tensorwise/torch``)."""
+    base, _, kernel = name.partition("/")
+    recipe, _, variant = base.partition("+")
     cost_model = for_current_device()
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -92,12 +96,13 @@ def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, ste
     n_fp8 = 0
     if recipe != "bf16":
         auto = False if variant == "all" else cost_model.replace(tokens=batch * seq)
-        fp8train.convert_to_float8_training(model, config=recipe, module_filter_fn=lambda m, fqn: fqn != "lm_head",
+        config = fp8train.Float8LinearConfig.from_recipe_name(recipe, **({"cast_kernel": kernel} if kernel else {}))
+        fp8train.convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn != "lm_head",
                                             auto_filter=auto)
         n_fp8 = len(fp8train.conversion_report(model).converted)
     delayed = recipe != "bf16" and fp8train.Float8LinearConfig.from_recipe_name(recipe).has_delayed
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    compiled = torch.compile(model)
+    compiled = model if eager else torch.compile(model)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
     x, y = tokens[:, :-1], tokens[:, 1:]
 
@@ -134,9 +139,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     cases = fp8train.recipe_names() + [f"{r}+all" for r in fp8train.recipe_names()]
-    p.add_argument("--recipes", nargs="+", default=["tensorwise", "delayed", "rowwise"], choices=cases,
-                   help="recipe (auto filter on, as by default on CUDA) or recipe+all (every linear but lm_head)")
+    cases += [f"{c}/{k}" for c in cases for k in CAST_KERNELS]
+    p.add_argument("--recipes", nargs="+", default=["tensorwise", "delayed", "rowwise"], choices=cases, metavar="CASE",
+                   help="recipe (auto filter on, as by default on CUDA) or recipe+all (every linear but lm_head); "
+                        "a /KERNEL suffix sets Float8LinearConfig.cast_kernel (auto, triton, torch)")
     p.add_argument("--fuse-projections", action="store_true", help="LlamaConfig.fuse_projections: wqkv and w13 GEMMs")
+    p.add_argument("--eager", action="store_true", help="no torch.compile (eager mode)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="bench_train.json")
@@ -146,15 +154,16 @@ def main() -> None:
     cfg = LlamaConfig.from_name(args.model, max_seq_len=max(args.seq, 1), fuse_projections=args.fuse_projections)
     results = {}
     for name in ["bf16"] + args.recipes:
-        results[name] = run_case(name, cfg, args.batch, args.seq, args.warmup, args.steps)
+        results[name] = run_case(name, cfg, args.batch, args.seq, args.warmup, args.steps, args.eager)
         r = results[name]
         print(f"{name}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step, MFU {r['mfu_bf16_peak']:.3f}, "
               f"peak {r['peak_mem_gib']:.1f} GiB, loss {r['final_loss']:.3f}, warmup {r['warmup_s']:.0f}s", flush=True)
-    info = meta(model=args.model, batch=args.batch, seq=args.seq, fuse_projections=args.fuse_projections)
+    info = meta(model=args.model, batch=args.batch, seq=args.seq, fuse_projections=args.fuse_projections,
+                compiled=not args.eager)
     with open(args.out, "w") as f:
         json.dump({"meta": info, "results": results}, f, indent=2)
     base = results["bf16"]
-    print(f"\n{args.model} batch {args.batch} x seq {args.seq}, AdamW, compiled ({info['device']}, torch {info['torch']}, {info['date']})")
+    print(f"\n{args.model} batch {args.batch} x seq {args.seq}, AdamW, {'eager' if args.eager else 'compiled'} ({info['device']}, torch {info['torch']}, {info['date']})")
     print(f"{'case':>20} {'tok/s':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9} {'fp8 layers':>10}")
     for name, r in results.items():
         print(f"{name:>20} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / base['tokens_per_s']:7.2f}x "

@@ -2,6 +2,7 @@
 
 Times compiled standalone functions back to back (no sync between iterations) and prints GB/s
 against the bytes each must move at minimum. Also bisects the rowwise grad_weight compile gap.
+``--triton``: fp8train.cast_kernel (tile sizes swept) against inductor's casts instead.
 """
 from __future__ import annotations
 
@@ -182,5 +183,64 @@ def main():
         print(f"  grad_weight gemm with inductor {opt}={val}: compiled/ref {(20 * torch.log10(ref_hp.norm() / (c.float() - ref_hp).norm())).item():.1f} dB")
 
 
+def triton_main():
+    """fp8train.cast_kernel vs inductor: delayed (stored scale: cast both layouts + amax in one read)
+    and dynamic (an amax pass, then the cast) per operand shape; tile sizes swept for the kernel."""
+    from fp8train import cast_kernel as ck
+
+    def k_delayed(x, s, buf):
+        y, yt, a = ck.cast_transpose(x, s, E4, amax=True)
+        buf.copy_(torch.maximum(buf, a))
+        return y, yt
+
+    amax_c = torch.compile(amax2)
+
+    def k_dynamic(x):
+        sc = amax_to_scale(amax_c(x), E4)
+        return ck.cast_transpose(x, sc, E4)
+
+    def k_rows_amax(x, s, buf):  # forward-only layout + amax
+        y, _, a = ck.cast_transpose(x, s, E4, transposed=False, amax=True)
+        buf.copy_(torch.maximum(buf, a))
+        return y
+
+    default = (ck._BLOCK_M, ck._BLOCK_N, ck._WARPS)
+    for m, k in ((16384, 4096), (16384, 8192), (4096, 4096), (16384, 2048)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        s = torch.tensor(10.0, device="cuda")
+        buf = torch.zeros((), device="cuda")
+        n = m * k
+        print(f"\n== x [{m}x{k}] bf16 ({2 * n / 1e6:.0f} MB); GB/s = minimum bytes / time", flush=True)
+        for name, fn, nbytes, args in [
+            ("inductor dyn amax2 + x8.t", dyn_c3, 6 * n, (x,)),
+            ("inductor delayed amax2 + t", del_c2, 4 * n, (x, s, buf)),
+            ("inductor delayed nt amax2", del_nt2, 3 * n, (x, s, buf)),
+        ]:
+            torch._dynamo.reset()
+            t = bench(torch.compile(fn), *args)
+            print(f"  {name:34} {t:8.1f} us  {nbytes / t / 1e3:6.0f} GB/s", flush=True)
+        for bm, bn, w in ((64, 128, 8), (64, 128, 4), (64, 64, 4), (128, 64, 8), (128, 128, 8), (32, 128, 4),
+                          (64, 256, 8), (128, 256, 8)):
+            ck._BLOCK_M, ck._BLOCK_N, ck._WARPS = bm, bn, w
+            try:
+                t = bench(k_delayed, x, s, buf)
+            except Exception as e:  # noqa: BLE001
+                print(f"  triton {bm}x{bn} w{w}: failed {type(e).__name__}: {e}")
+                continue
+            print(f"  triton delayed {bm}x{bn} w{w:<2}             {t:8.1f} us  {4 * n / t / 1e3:6.0f} GB/s", flush=True)
+        ck._BLOCK_M, ck._BLOCK_N, ck._WARPS = default
+        for name, fn, nbytes, args in [
+            ("triton dynamic (amax2 + kernel)", k_dynamic, 6 * n, (x,)),
+            ("triton rows + amax", k_rows_amax, 3 * n, (x, s, buf)),
+        ]:
+            t = bench(fn, *args)
+            print(f"  {name:34} {t:8.1f} us  {nbytes / t / 1e3:6.0f} GB/s", flush=True)
+        c = torch.compile(k_delayed)
+        t = bench(c, x, s, buf)
+        print(f"  {'triton delayed, compiled caller':34} {t:8.1f} us  {4 * n / t / 1e3:6.0f} GB/s", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    triton_main() if "--triton" in sys.argv else main()

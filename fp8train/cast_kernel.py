@@ -1,0 +1,143 @@
+"""Tensorwise fp8 cast as one Triton kernel (CUDA): both layouts and the amax from one read.
+
+A Float8Linear needs each operand in fp8 in two memory layouts: row-major for one GEMM and its
+transpose for another (``_scaled_mm`` wants its left operand row-major and its right one
+column-major)::
+
+    operand        [rows, cols]   row-major for              transposed ([cols, rows]) for
+    input x        [M, K]         output     x8 @ W8.T       grad_weight  dy8.T @ x8
+    weight W       [N, K]         output     x8 @ W8.T       grad_input   dy8 @ W8
+    grad_output dy [M, N]         grad_input dy8 @ W8        grad_weight  dy8.T @ x8
+
+``cast_transpose`` reads the high-precision tensor once in tiles and writes whichever layouts are
+asked for, plus each tile's max(|x|) when asked (delayed scaling records the amax of the operand
+it casts with a stored scale, so one pass does both). Per element: 2 bytes read (bf16), 1 byte
+written per layout, against inductor's separate amax reduction and a cast kernel whose transposed
+1-byte stores it does not tile (``docs/PERF_NOTES.md``, entry 15).
+
+The values are those of ``fp8train.scaling.saturated_cast`` (fp32 multiply, clamp to ±fp8 max,
+round to nearest even), bit for bit (tested on GPU). A NaN element gives a NaN fp8 value and an
+infinite tile amax (Triton's max reductions drop NaN; an infinite amax makes the delayed-scaling
+sync skip the step just as a NaN one does).
+
+The op is a ``torch.library.triton_op``, so ``torch.compile`` keeps it in the graph (no graph
+break) and launches the kernel from the compiled code. Triton is optional: ``supports(device)``
+says whether the kernel runs on a device (that of ``fp8train.optim_kernel``: NVIDIA, compute
+capability 8.9+, where Triton has fp8 conversions).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fp8train import optim_kernel
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: casts take the torch path
+    triton = None
+
+__all__ = ["supports", "fits", "cast_transpose"]
+
+# a tile per program: 64 x 128 bf16 = 16 KiB read, enough in flight per SM to keep HBM busy
+# (chosen by scripts/diag/cast_kernels.py on an H200: PERF_NOTES entry 15)
+_BLOCK_M, _BLOCK_N, _WARPS = 64, 128, 8
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@torch.compiler.assume_constant_result  # traced as a constant: no graph break for the device query
+def supports(device: torch.device) -> bool:
+    """True when the kernel runs on ``device`` (Triton installed, NVIDIA compute capability 8.9+)."""
+    return optim_kernel.supports(device)
+
+
+def fits(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when ``x`` and ``dtype`` suit the kernel: a 2-D bf16/fp16/fp32 CUDA tensor on a supported
+    device, with fewer than 2**31 elements, cast to e4m3fn or e5m2."""
+    return (
+        x.dim() == 2 and dtype in _FP8 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and x.numel() < 2**31 and x.is_cuda and supports(x.device)
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cast_transpose_kernel(
+        x_ptr, scale_ptr, y_ptr, yt_ptr, amax_ptr, rows, cols, stride_r, stride_c,
+        FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROW_MAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, AMAX: tl.constexpr,
+    ):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (r[:, None] < rows) & (c[None, :] < cols)
+        x = tl.load(x_ptr + r[:, None] * stride_r + c[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr)
+        y = tl.clamp(x * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(y_ptr.dtype.element_ty)
+        if ROW_MAJOR:
+            tl.store(y_ptr + r[:, None] * cols + c[None, :], y, mask=mask)
+        if TRANSPOSED:  # [cols, rows] row-major; Triton stages the tile through shared memory
+            tl.store(yt_ptr + c[None, :].to(tl.int64) * rows + r[:, None], y, mask=mask)
+        if AMAX:
+            a = tl.abs(x)
+            a = tl.where(a == a, a, float("inf"))  # NaN -> inf: the reduction below would drop it
+            tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_n, tl.max(tl.max(a, axis=1), axis=0))
+
+    @torch.library.triton_op("fp8train::cast_transpose", mutates_args=())
+    def _cast_transpose_op(
+        x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, row_major: bool, transposed: bool, amax: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, cols = x.shape
+        # Triton as shipped with torch 2.11 writes wrong bytes (~25% of them, H200) in the transposed
+        # store of a tile loaded as fp32 when the shape is 16-aligned; tiles loaded as bf16/fp16
+        # are right (tests/test_cast_kernel.py). fp32 inputs (master weights under autocast: small)
+        # get the transposed layout as a copy of the row-major result instead.
+        copy_t = transposed and x.element_size() == 4
+        write_rows, write_t = row_major or copy_t, transposed and not copy_t
+        grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(cols, _BLOCK_N))
+        y = torch.empty((rows, cols) if write_rows else (0,), dtype=fp8_dtype, device=x.device)
+        yt = torch.empty((cols, rows) if write_t else (0,), dtype=fp8_dtype, device=x.device)
+        partial = torch.empty(grid[0] * grid[1] if amax else 0, dtype=torch.float32, device=x.device)
+        torch.library.wrap_triton(_cast_transpose_kernel)[grid](
+            x, scale, y if write_rows else yt, yt if write_t else y, partial, rows, cols, x.stride(0), x.stride(1),
+            FP8_MAX=float(torch.finfo(fp8_dtype).max), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+            ROW_MAJOR=write_rows, TRANSPOSED=write_t, AMAX=amax, num_warps=_WARPS,
+        )
+        if copy_t:  # clone, not contiguous(): an op's outputs must not alias (y.t() of one row is contiguous)
+            yt = y.t().clone(memory_format=torch.contiguous_format)
+        return y, yt, partial
+
+
+def cast_transpose(
+    x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, row_major: bool = True, transposed: bool = True,
+    amax: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``saturated_cast(x, scale, dtype)`` in the layouts asked for, from one read of ``x``.
+
+    Args:
+        x: ``[rows, cols]`` bf16/fp16/fp32 CUDA tensor (any strides; see ``fits``).
+        scale: 0-dim fp32 tensor on ``x``'s device, the multiplier applied before the cast.
+        dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        row_major: return the fp8 tensor ``[rows, cols]``, row-major.
+        transposed: return its transpose ``[cols, rows]``, row-major (the column-major layout of
+            the same values: ``yt.t()`` equals ``y``).
+        amax: return max(|x|) as a 0-dim fp32 tensor (inf where ``x`` has a NaN or inf).
+
+    Returns:
+        ``(y, yt, amax)``, ``None`` for what was not asked for.
+
+    Raises:
+        ValueError: ``x``/``dtype`` the kernel does not take (check ``fits`` first).
+    """
+    if not fits(x, dtype):
+        raise ValueError(
+            f"cast_transpose: x {tuple(x.shape)} {x.dtype} on {x.device} -> {dtype}: needs a 2-D bf16/fp16/fp32 "
+            f"tensor with < 2**31 elements on an NVIDIA GPU of compute capability 8.9+ with Triton installed, "
+            f"cast to one of {list(_FP8)}"
+        )
+    if not (row_major or transposed):
+        raise ValueError("cast_transpose: row_major=False and transposed=False ask for nothing")
+    y, yt, partial = _cast_transpose_op(x, scale.to(torch.float32).reshape(()), dtype, row_major, transposed, amax)
+    return y if row_major else None, yt if transposed else None, partial.amax() if amax else None
