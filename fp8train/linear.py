@@ -359,8 +359,9 @@ class Float8Linear(nn.Linear):
             mm=self.linear_mm_config,
             compute_dtype=compute_dtype,
             use_stored_scales=bool(getattr(self, "is_amax_initialized", False)),
-            need_grad_input=input.requires_grad,
-            need_grad_weight=weight.requires_grad,
+            # under no_grad (eval, inference) no backward runs: nothing is saved or cast for it
+            need_grad_input=input.requires_grad and torch.is_grad_enabled(),
+            need_grad_weight=weight.requires_grad and torch.is_grad_enabled(),
             record_amax=self.training and not _in_backward_recompute(),
             record_grad_amax=self.training,
             weight_cache=self.weight_cast_cache if self.training else "off",

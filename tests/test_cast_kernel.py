@@ -46,6 +46,26 @@ def test_kernel_is_not_used_on_cpu():
         cast_kernel.cast_transpose(x, torch.tensor(1.0), E4)
 
 
+def test_gemm_takes_the_layout_the_cast_wrote():
+    """An operand holding both layouts (as the kernel writes them) feeds _scaled_mm without a copy, and
+    the GEMM's result is the same as from one layout."""
+    from fp8train.config import ScaledMMConfig
+    from fp8train.ops import Fp8Operand, scaled_mm_operands
+
+    torch.manual_seed(0)
+    s = torch.tensor(4.0)
+    a, b = saturated_cast(torch.randn(32, 64), s, E4), saturated_cast(torch.randn(48, 64), s, E4)
+    a_col = a.t().contiguous().t()  # the same values, column-major
+    both = Fp8Operand(a, s, a_col)
+    assert both.layout(row_major=True) is a and both.layout(row_major=False) is a_col
+    assert both.t().layout(row_major=True).data_ptr() == a_col.data_ptr()  # a.T row-major is a_col's storage
+    lone = Fp8Operand(a, s)
+    assert lone.layout(row_major=False).data_ptr() != a.data_ptr()  # one layout: a copy
+    y_both = scaled_mm_operands(both, Fp8Operand(b, s).t(), ScaledMMConfig(), torch.float32)
+    y_lone = scaled_mm_operands(lone, Fp8Operand(b, s).t(), ScaledMMConfig(), torch.float32)
+    assert torch.equal(y_both, y_lone)
+
+
 def test_kernel_under_the_triton_interpreter():
     pytest.importorskip("triton")
     script = Path(__file__).parent / "scripts" / "cast_kernel_interpreted.py"
