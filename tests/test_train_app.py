@@ -143,6 +143,7 @@ def test_fp8_overrides_reach_float8_linear_config():
     got = fp8_config(cfg, cpu=True)
     want = Float8LinearConfig.from_recipe_name("delayed", pad_inner_dim=True, delayed_scaling={"history_len": 4})
     assert got == want  # emulate=false given explicitly is kept on CPU
+    assert fp8_config(_compose(["fp8.overrides.cast_kernel=torch"]), cpu=False).cast_kernel == "torch"
     assert fp8_config(_compose(["fp8=rowwise"]), cpu=True).emulate is True  # CPU default
     assert fp8_config(_compose(["fp8=rowwise"]), cpu=False).emulate is False
 
@@ -183,6 +184,7 @@ def test_typed_schema_rejects_while_composing(override, words):
         (["model.n_heads=3"], ["n_heads"]),
         (["fp8=delayed", "fp8.overrides.delayed_scaling={history_len: 0}"], ["history_len"]),
         (["fp8=rowwise", "fp8.overrides.cast_config_input={bogus: 1}"], ["fp8.overrides", "bogus"]),
+        (["fp8.overrides.cast_kernel=cuda"], ["cast_kernel", "'cuda'", "'auto', 'triton', 'torch'"]),
         # `+key=` opens the schema for a new key: the package's dataclasses still reject it
         (["+model.dimm=64"], ["dimm", "LlamaConfig"]),
         (["+fp8.overrides.emulat=true"], ["emulat", "Float8LinearConfig"]),
