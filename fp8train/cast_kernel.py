@@ -44,6 +44,7 @@ __all__ = ["supports", "fits", "cast_transpose"]
 # (chosen by scripts/diag/cast_kernels.py on an H200: PERF_NOTES entry 15)
 _BLOCK_M, _BLOCK_N, _WARPS = 64, 128, 8
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the column tiles)
 
 
 @torch.compiler.assume_constant_result  # traced as a constant: no graph break for the device query
@@ -54,11 +55,17 @@ def supports(device: torch.device) -> bool:
 
 def fits(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """True when ``x`` and ``dtype`` suit the kernel: a 2-D bf16/fp16/fp32 CUDA tensor on a supported
-    device, with fewer than 2**31 elements, cast to e4m3fn or e5m2."""
-    return (
-        x.dim() == 2 and dtype in _FP8 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and x.numel() < 2**31 and x.is_cuda and supports(x.device)
-    )
+    device, cast to e4m3fn or e5m2, whose elements lie within 2**31 of its first (int32 input offsets)
+    and whose column tiles fit CUDA's grid (at most 65535 x 128 columns)."""
+    return _fits_shape(x, dtype) and x.is_cuda and supports(x.device)
+
+
+def _fits_shape(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    if x.dim() != 2 or dtype not in _FP8 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    rows, cols = x.shape
+    extent = (rows - 1) * x.stride(0) + (cols - 1) * x.stride(1) if x.numel() else 0
+    return x.numel() < 2**31 and extent < 2**31 and -(-cols // _BLOCK_N) <= _MAX_GRID_Y
 
 
 if triton is not None:
@@ -90,10 +97,10 @@ if triton is not None:
         x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, row_major: bool, transposed: bool, amax: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, cols = x.shape
-        # Triton as shipped with torch 2.11 writes wrong bytes (~25% of them, H200) in the transposed
-        # store of a tile loaded as fp32 when the shape is 16-aligned; tiles loaded as bf16/fp16
-        # are right (tests/test_cast_kernel.py). fp32 inputs (master weights under autocast: small)
-        # get the transposed layout as a copy of the row-major result instead.
+        # Triton as shipped with torch 2.11 wrote wrong bytes (~25% of them, H200) in the transposed
+        # store of a tile loaded as fp32 when the shape was 16-aligned and both layouts were written;
+        # tiles loaded as bf16/fp16 are right (tests/test_cast_kernel.py). fp32 inputs (master
+        # weights under autocast: small) get the transposed layout as a copy of the row-major result.
         copy_t = transposed and x.element_size() == 4
         write_rows, write_t = row_major or copy_t, transposed and not copy_t
         grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(cols, _BLOCK_N))
@@ -133,9 +140,9 @@ def cast_transpose(
     """
     if not fits(x, dtype):
         raise ValueError(
-            f"cast_transpose: x {tuple(x.shape)} {x.dtype} on {x.device} -> {dtype}: needs a 2-D bf16/fp16/fp32 "
-            f"tensor with < 2**31 elements on an NVIDIA GPU of compute capability 8.9+ with Triton installed, "
-            f"cast to one of {list(_FP8)}"
+            f"cast_transpose: x {tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device} -> {dtype}: needs a "
+            f"2-D bf16/fp16/fp32 tensor spanning < 2**31 elements with <= {_MAX_GRID_Y * _BLOCK_N} columns, on "
+            f"an NVIDIA GPU of compute capability 8.9+ with Triton installed, cast to one of {list(_FP8)} (fits())"
         )
     if not (row_major or transposed):
         raise ValueError("cast_transpose: row_major=False and transposed=False ask for nothing")

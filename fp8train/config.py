@@ -278,7 +278,9 @@ class Float8LinearConfig:
             Triton — and torch ops under ``torch.compile``, where inductor fuses casts into their
             producers), ``"triton"`` (the kernel, also under compile: faster for a lone layer,
             slower and more memory in a whole compiled model; a forward on a device without it
-            fails, naming this field) or ``"torch"`` (torch ops). The fp8 values are the same.
+            fails, naming this field) or ``"torch"`` (torch ops). For the same input tensor the fp8
+            bytes are the same; under compile, inductor's casts may read a fused producer's fp32
+            values where the kernel reads them rounded to the activation dtype (as eager does).
 
     Raises:
         ValueError: naming the field and the valid choices, e.g. when one GEMM would multiply an
@@ -393,6 +395,12 @@ class Float8LinearConfig:
     def has_mx(self) -> bool:
         """Whether any GEMM runs on MX operands (``fp8train.mx_ops``)."""
         return any(a.mx for _, (_, a), _ in self.gemm_operands())
+
+    @property
+    def has_tensorwise(self) -> bool:
+        """Whether any fp8 cast is tensorwise (the casts ``cast_kernel`` applies to)."""
+        casts = [c for _, (_, a), (_, b) in self.gemm_operands() for c in (a, b)]
+        return any(c.enabled and not (c.axiswise or c.mx) for c in casts)
 
     @property
     def has_delayed(self) -> bool:

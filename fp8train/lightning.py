@@ -858,7 +858,11 @@ class Float8Training(Callback):
         found = {k for k in state if _FP8_BUFFER.search(k)}
         problems: list[str] = []
         if meta is not None:
-            diff = _dict_diff(meta.get("config", {}), self.config.to_dict())
+            # cast_kernel picks who computes the casts, not the recipe: a run may resume with another
+            # (and checkpoints from before the field existed lack it)
+            saved = {k: v for k, v in meta.get("config", {}).items() if k not in _NOT_RECIPE}
+            now = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_RECIPE}
+            diff = _dict_diff(saved, now)
             if diff:
                 problems.append(f"recipe: checkpoint {meta.get('recipe')!r}, this run {self.config.name!r}; "
                                 f"fields that differ (checkpoint -> this run):")
@@ -954,6 +958,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
+
+
+#: Float8LinearConfig fields that choose an implementation, not the recipe (ignored on resume)
+_NOT_RECIPE = ("cast_kernel",)
 
 
 def _dict_diff(a: dict, b: dict) -> list[tuple[str, Any, Any]]:

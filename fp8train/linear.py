@@ -255,15 +255,18 @@ class _Float8LinearFn(torch.autograd.Function):
         grad_x = grad_w = None
         if need_dx:
             # GEMM 2: grad_input = grad_output @ weight      [M,N] @ [N,K] -> [M,K]
-            w_gi = w_keep if isinstance(w_keep, Fp8Operand) else _cast(w_keep, cfg.weight_for_grad_input, WEIGHT, 0, plan)
+            # (re-casts below ask for the layout their GEMM takes: the right operand column-major)
+            w_gi = w_keep if isinstance(w_keep, Fp8Operand) else _cast(
+                w_keep, cfg.weight_for_grad_input, WEIGHT, 0, plan, rows=False, cols=True)
             grad_x = _gemm(go8, w_gi, plan.mm.grad_input, x_dtype, plan.compute_dtype)
         if need_dw:
             # GEMM 3: grad_weight = grad_output.T @ input    [N,M] @ [M,K] -> [N,K]
             if go_reused:
                 go_gw = go8
             else:
-                go_gw = _cast(grad_out, cfg.grad_output_for_grad_weight, GRAD_OUTPUT, 0, plan)
-            x_gw = x_keep if isinstance(x_keep, Fp8Operand) else _cast(x_keep, cfg.input_for_grad_weight, INPUT, 0, plan)
+                go_gw = _cast(grad_out, cfg.grad_output_for_grad_weight, GRAD_OUTPUT, 0, plan, rows=False, cols=True)
+            x_gw = x_keep if isinstance(x_keep, Fp8Operand) else _cast(
+                x_keep, cfg.input_for_grad_weight, INPUT, 0, plan, rows=False, cols=True)
             grad_w = _gemm(go_gw.t(), x_gw, plan.mm.grad_weight, w_dtype, plan.compute_dtype)
         return (grad_x, grad_w, None) + (None,) * ctx.n_state
 
@@ -347,7 +350,7 @@ class Float8Linear(nn.Linear):
             hp = [from_float8(t) if isinstance(t, Float8Tensor) else t for t in (input, weight)]
             return F.linear(hp[0], hp[1], bias)
         device_type = input.device.type
-        if self.config.cast_kernel == "triton" and not cast_kernel.supports(input.device):
+        if self.config.cast_kernel == "triton" and self.config.has_tensorwise and not cast_kernel.supports(input.device):
             raise ValueError(
                 f"Float8LinearConfig.cast_kernel='triton' needs Triton and an NVIDIA GPU of compute capability "
                 f"8.9+; this layer runs on {input.device}. Set cast_kernel='auto' (the kernel where it runs) or 'torch'"

@@ -6,6 +6,7 @@ installed, run the kernel under Triton's interpreter.
 """
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -37,6 +38,21 @@ def test_triton_cast_kernel_on_cpu_fails_naming_the_setting():
     with pytest.raises(ValueError, match=r"cast_kernel='triton' needs Triton.*runs on cpu.*'auto'"):
         lin(torch.randn(4, 32))
     assert torch.equal(lin.weight, w)
+    # a recipe without tensorwise casts never uses the kernel: nothing to refuse
+    rowwise = Float8LinearConfig.from_recipe_name("rowwise", emulate=True, cast_kernel="triton")
+    fp8train.convert_to_float8_training(nn.Linear(32, 32), config=rowwise, auto_filter=False)(torch.randn(4, 32))
+
+
+def test_kernel_takes_only_what_its_offsets_and_grid_allow():
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    assert cast_kernel._fits_shape(torch.empty(16384, 8192, **meta), E4)
+    assert cast_kernel._fits_shape(torch.empty(4, 4, device="meta", dtype=torch.float32), E5)
+    assert not cast_kernel._fits_shape(torch.empty(4, 4, **meta), torch.bfloat16)  # not an fp8 target
+    assert not cast_kernel._fits_shape(torch.empty(2, 3, 4, **meta), E4)
+    # a strided view spanning > 2**31 elements (int32 offsets), though it holds only 64 x 65536
+    assert not cast_kernel._fits_shape(torch.empty_strided((64, 65536), (1, 40000), **meta), E4)
+    assert not cast_kernel._fits_shape(torch.empty(1, 65535 * 128 + 1, **meta), E4)  # grid's second dim
+    assert cast_kernel._fits_shape(torch.empty(1, 65535 * 128, **meta), E4)
 
 
 def test_kernel_is_not_used_on_cpu():
@@ -66,6 +82,86 @@ def test_gemm_takes_the_layout_the_cast_wrote():
     assert torch.equal(y_both, y_lone)
 
 
+def _torch_op(x, scale, fp8_dtype, row_major, transposed, amax):
+    """The kernel's op contract in torch ops (its values are saturated_cast's, tested on GPU)."""
+    y = saturated_cast(x, scale, fp8_dtype)
+    a = x.float().abs().amax().reshape(1)
+    empty = torch.empty(0, dtype=fp8_dtype)
+    return (y if row_major else empty, y.t().contiguous() if transposed else empty,
+            torch.where(torch.isnan(a), float("inf"), a) if amax else torch.empty(0))
+
+
+_CUSTOM = Float8LinearConfig(cast_config_input_for_grad_weight={"target_dtype": "e5m2"})  # x re-cast in backward
+
+
+@pytest.mark.parametrize("config", ["tensorwise", "delayed", "rowwise", _CUSTOM],
+                         ids=lambda c: c if isinstance(c, str) else "custom")
+@pytest.mark.parametrize("scenario", ["plain", "frozen_input", "frozen_weight", "weight_cache", "checkpoint"])
+def test_kernel_path_plumbing_on_cpu(config, scenario, monkeypatch):
+    """The linear's use of the kernel (layouts asked for, the layout saved for backward, amax
+    recording, re-casts in backward) against the torch casts, bit for bit, on CPU: the kernel's op
+    is replaced by its contract in torch ops and `fits` made to accept CPU tensors."""
+    from torch.utils.checkpoint import checkpoint
+
+    calls = []
+
+    def op(*args):
+        calls.append(args[3:])
+        return _torch_op(*args)
+
+    monkeypatch.setattr(cast_kernel, "_cast_transpose_op", op, raising=False)
+    monkeypatch.setattr(cast_kernel, "fits", lambda x, dtype: x.dim() == 2)
+    seen = []
+    real = fp8train.linear.scaled_mm_operands
+
+    def watch(a, b, cfg, out_dtype):
+        da, db = a.layout(row_major=True), b.layout(row_major=False)
+        seen.append([da.view(torch.uint8).clone(), da.stride(), db.view(torch.uint8).clone(), db.stride(),
+                     a.scale.clone(), b.scale.clone()])
+        return real(a, b, cfg, out_dtype)
+
+    monkeypatch.setattr(fp8train.linear, "scaled_mm_operands", watch)
+    base_cfg = config if isinstance(config, Float8LinearConfig) else Float8LinearConfig.from_recipe_name(config)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 48, bias=False))
+    runs = {}
+    for kernel in ("auto", "torch"):
+        calls.clear()
+        seen.clear()
+        m = fp8train.convert_to_float8_training(copy.deepcopy(base), auto_filter=False,
+                                                config=dataclasses.replace(base_cfg, cast_kernel=kernel))
+        if scenario == "frozen_weight":
+            m[0].weight.requires_grad_(False)
+        outs = []
+        for step in range(3):
+            if scenario == "weight_cache":
+                fp8train.set_weight_cast_cache(m, "fill" if step == 0 else "reuse")
+            x = torch.randn(40, 64, generator=torch.Generator().manual_seed(step)) * (step + 1)
+            x.requires_grad_(scenario != "frozen_input")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = checkpoint(m, x, use_reentrant=False) if scenario == "checkpoint" else m(x)
+            y.float().square().mean().backward()
+            outs += [y.detach()] + [t.grad for t in (x, *m.parameters()) if t.grad is not None]
+            if base_cfg.has_delayed:
+                outs += [b.clone() for n, b in m.named_buffers() if n.split(".")[-1].startswith("fp8_amax_")]
+                fp8train.sync_float8_amax_and_scale_history(m)
+                outs += [b.clone() for n, b in m.named_buffers() if "scale" in n or "history" in n]
+            m.zero_grad(set_to_none=True)
+        runs[kernel] = (outs, [list(c) for c in seen], list(calls))
+    (outs_k, seen_k, calls_k), (outs_t, seen_t, calls_t) = runs["auto"], runs["torch"]
+    assert not calls_t and (len(calls_k) > 0) == base_cfg.has_tensorwise
+    if base_cfg.has_tensorwise and scenario == "plain":
+        # forward: input rows + the column-major copy backward reuses (custom: x is re-cast, rows only);
+        # delayed: amax from the kernel once stored scales are used (after the first sync)
+        assert calls_k[0] == ((True, True, False) if config != _CUSTOM else (True, False, False))
+        assert any(c[2] for c in calls_k) == base_cfg.has_delayed
+    assert len(seen_k) == len(seen_t) and len(outs_k) == len(outs_t)
+    for a, b in zip(seen_k, seen_t):
+        assert all(torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v for u, v in zip(a, b))
+    for a, b in zip(outs_k, outs_t):
+        assert torch.equal(a, b)
+
+
 def test_kernel_under_the_triton_interpreter():
     pytest.importorskip("triton")
     script = Path(__file__).parent / "scripts" / "cast_kernel_interpreted.py"
@@ -87,13 +183,14 @@ def _bits(t):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [E4, E5])
-@pytest.mark.parametrize("src", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(1000, 300), (4096, 1024), (64, 128), (1, 17), (1, 128), (2048, 4096)])
 def test_kernel_equals_the_torch_cast_bit_for_bit(dtype, src, shape):
     _needs_kernel()
     torch.manual_seed(0)
     x = (torch.randn(shape, device="cuda") * torch.logspace(-3, 3, shape[1], device="cuda")).to(src)
-    x.view(-1)[:3] = torch.tensor([0.0, -0.0, 1e30], device="cuda").to(src)  # zeros; one value that saturates
+    big = 6e4 if src == torch.float16 else 1e30  # one value that saturates (finite in fp16)
+    x.view(-1)[:3] = torch.tensor([0.0, -0.0, big], device="cuda").to(src)
     scale = fp8train.scaling.amax_to_scale(x.abs().amax() / 4, dtype)
     y, yt, amax = cast_kernel.cast_transpose(x, scale, dtype, amax=True)
     ref = saturated_cast(x, scale, dtype)
@@ -104,6 +201,8 @@ def test_kernel_equals_the_torch_cast_bit_for_bit(dtype, src, shape):
     # a strided input (a transposed view) and one layout at a time
     yt_only = cast_kernel.cast_transpose(x.t(), scale, dtype, row_major=False, transposed=True)
     assert yt_only[0] is None and yt_only[2] is None and torch.equal(_bits(yt_only[1]), _bits(ref))
+    y2, yt2, _ = cast_kernel.cast_transpose(x.t(), scale, dtype)  # strided input, both layouts
+    assert torch.equal(_bits(y2), _bits(ref.t().contiguous())) and torch.equal(_bits(yt2), _bits(ref))
 
 
 @pytest.mark.gpu

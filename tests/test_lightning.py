@@ -425,6 +425,14 @@ def test_recipe_mismatch_on_resume_raises_saying_what_differs(tmp_path):
     with pytest.raises(RuntimeError, match=r"layers in fp8 only in the checkpoint: \['lm_head'\]"):
         resume(Float8Training("delayed", skip=["lm_head"]), path)
 
+    # cast_kernel picks who computes the casts, not the recipe: resuming with another one, or from a
+    # checkpoint written before the field existed, is no mismatch
+    resume(Float8Training(Float8LinearConfig.from_recipe_name("delayed", cast_kernel="torch")), path)
+    old = torch.load(path, weights_only=False)
+    del old[CHECKPOINT_KEY]["config"]["cast_kernel"]
+    torch.save(old, str(tmp_path / "old.ckpt"))
+    resume(Float8Training("delayed"), str(tmp_path / "old.ckpt"))
+
     # no metadata (e.g. converted by hand): the fp8 buffer keys still tell, before the strict load
     ckpt = torch.load(path, weights_only=False)
     del ckpt[CHECKPOINT_KEY]
