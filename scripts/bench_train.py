@@ -4,7 +4,9 @@
 
 Each case builds the model from the same seed, converts it (every linear but ``lm_head`` that the
 auto filter keeps, as a user gets by default; ``<recipe>+all`` converts them all; bf16 runs
-unconverted), compiles it, and runs AdamW steps under bf16 autocast on random tokens. After
+unconverted; a ``/<cast_kernel>`` suffix such as ``tensorwise/torch`` sets
+``Float8LinearConfig.cast_kernel``), compiles it (not with ``--eager``), and runs AdamW steps under
+bf16 autocast on random tokens. After
 ``--warmup`` steps (compilation included) it times ``--steps`` steps with CUDA events (the median step) and reports
 tokens/s, MFU (model FLOPs from ``fp8train.perf``; the peak is the bf16 dense peak for every case so
 MFU compares like with like) and peak memory. Delayed recipes sync amax/scale once per step inside

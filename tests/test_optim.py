@@ -217,7 +217,7 @@ def test_kernel_entry_checks_shapes_dtypes_and_layout():
         (ops(v8=True)[:5] + (None,), 128, "bf16 v_store"),  # fp8 v without its scales
         ((torch.zeros(256, 4).t(),) + ops()[1:], 128, "last dimension contiguous"),
         ((torch.zeros(4, 255),) + ops()[1:], 128, "shaped like p"),
-        (ops(cols=2**14, nblk=1), 2**14, "min\(block, C\) <= 8192"),
+        (ops(cols=2**14, nblk=1), 2**14, r"min\(block, C\) <= 8192"),
     ]
     for args, block, words in cases:
         with pytest.raises(ValueError, match=words):
