@@ -35,6 +35,7 @@ it from the gathered fp8 copy: the weight is rounded twice for that GEMM.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from typing import Any
 
@@ -46,6 +47,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._pytree import tree_map_only
 
+from fp8train import cast_kernel
 from fp8train.config import Float8LinearConfig, GemmInputRole, ScalingType
 from fp8train.delayed import record_amax
 from fp8train.scaling import amax_to_scale, saturated_cast, tensor_amax
@@ -82,6 +84,7 @@ class Float8AllGatherWeight(torch.Tensor):
     _tensor: torch.Tensor
     _precomputed_scale: torch.Tensor | None
     _precomputed_at: tuple[int, int]  # (optimizer steps, weight version) when it was computed
+    _forward_cast: tuple[tuple[int, int], Any] | None  # ((optimizer steps, weight version), pre-all-gather result)
 
     @staticmethod
     def __new__(cls, tensor: torch.Tensor) -> "Float8AllGatherWeight":
@@ -99,6 +102,7 @@ class Float8AllGatherWeight(torch.Tensor):
         _STEPS.watch()
         self._precomputed_scale = None
         self._precomputed_at = (-1, -1)
+        self._forward_cast = None
         return self
 
     def __repr__(self) -> str:
@@ -138,15 +142,33 @@ class Float8AllGatherWeight(torch.Tensor):
         self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: nn.Module, mp_policy: Any
     ) -> tuple[tuple[torch.Tensor, ...], Any]:
         """This rank's shard cast to fp8 with the whole weight's scale, as uint8 bytes padded to
-        FSDP2's padded shard size; metadata: ``(scale, fp8 dtype, linear_mm_config)``."""
+        FSDP2's padded shard size; metadata: ``(scale, fp8 dtype, linear_mm_config)``.
+
+        FSDP2 gathers a resharded weight twice per step, in forward and again in backward. The
+        backward all-gather reuses the bytes the forward cast (kept until then: one byte per
+        element of the shard) when no optimizer step and no in-place edit of the weight came
+        between; any other call casts afresh."""
+        now = (_STEPS.count, self._version)
+        in_backward = torch._C._current_graph_task_id() != -1
+        if in_backward and self._forward_cast is not None:
+            cached_at, result = self._forward_cast
+            self._forward_cast = None
+            if cached_at == now:
+                return result
         config: Float8LinearConfig = module.config
-        dtype = config.cast_config_weight.target_dtype
+        cast = config.cast_config_weight
         scale = _weight_scale(self, mesh, module)
-        data = saturated_cast(self._tensor, scale, dtype).view(torch.uint8)
+        record = cast.scaling_type is ScalingType.DELAYED and module.training
+        data = _cast_shard(self._tensor, scale, cast.target_dtype, module.fp8_amax_weight if record else None,
+                           config.cast_kernel).view(torch.uint8)
         rows = -(-outer_size[0] // mesh.size())  # FSDP2 pads every shard to the first one's rows
         if data.shape[0] < rows:
             data = F.pad(data, (0, 0, 0, rows - data.shape[0]))
-        return (data,), (scale, dtype, module.linear_mm_config)
+        result = (data,), (scale, cast.target_dtype, module.linear_mm_config)
+        # keep a forward's bytes for the backward all-gather (training only; eval has no backward)
+        keep = not in_backward and torch.is_grad_enabled() and module.training
+        self._forward_cast = (now, result) if keep else None
+        return result
 
     def fsdp_post_all_gather(
         self,
@@ -171,6 +193,13 @@ class Float8AllGatherWeight(torch.Tensor):
             local._scale = scale
             return None
         return Float8Tensor(data, scale, param_dtype, mm_config, GemmInputRole.WEIGHT), (data,)
+
+
+# FSDP2 calls inspect.signature on this method at every all-gather of every weight (to tell its 1- and
+# 5-argument forms apart); a stored signature spares it parsing the function each time
+Float8AllGatherWeight.fsdp_pre_all_gather.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    Float8AllGatherWeight.fsdp_pre_all_gather
+)
 
 
 class _StepCounter:
@@ -201,8 +230,6 @@ def _weight_scale(weight: Float8AllGatherWeight, mesh: Any, module: nn.Module) -
     cast = config.cast_config_weight
     shard = weight._tensor
     if cast.scaling_type is ScalingType.DELAYED:
-        if module.training:
-            record_amax(module.fp8_amax_weight, shard)
         if module.is_amax_initialized:
             return module.fp8_scale_weight.clone()  # the sync rewrites the buffer in place
     elif weight._precomputed_scale is not None and weight._precomputed_at == (_STEPS.count, weight._version):
@@ -210,6 +237,25 @@ def _weight_scale(weight: Float8AllGatherWeight, mesh: Any, module: nn.Module) -
     amax = tensor_amax(shard) if shard.numel() else torch.zeros((), device=shard.device)
     dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
     return amax_to_scale(amax, cast.target_dtype, config.round_scales_to_power_of_2)
+
+
+@torch.no_grad()
+def _cast_shard(
+    shard: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor | None, kernel: str
+) -> torch.Tensor:
+    """``saturated_cast(shard, scale, dtype)``, recording the shard's amax into ``amax`` (delayed
+    scaling) when given. FSDP2 runs this outside compiled code, where torch ops would take four
+    passes through fp32 temporaries plus one for the amax; the Triton kernel (``cast_kernel``
+    ``"auto"``/``"triton"`` where it runs) reads the shard once for both, with the same bytes."""
+    if kernel != "torch" and shard.numel() and cast_kernel.fits(shard, dtype):
+        data, _, seen = cast_kernel.cast_transpose(shard, scale, dtype, row_major=True, transposed=False,
+                                                   amax=amax is not None)
+        if amax is not None:
+            amax.copy_(torch.maximum(amax, seen))
+        return data
+    if amax is not None:
+        record_amax(amax, shard)
+    return saturated_cast(shard, scale, dtype)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

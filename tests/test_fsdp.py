@@ -198,3 +198,54 @@ def test_precomputed_scale_is_used_until_an_optimizer_step_or_an_in_place_edit()
         lin.weight.mul_(2.0)  # an in-place edit outside an optimizer
     with pytest.raises(AssertionError, match="collective"):
         gather_scale()
+
+
+def test_backward_all_gather_reuses_the_forward_cast(monkeypatch):
+    """FSDP2 gathers a resharded weight in forward and again in backward: the backward one takes the
+    forward's bytes unless an optimizer step, an in-place edit or a forward without grad came between."""
+    import fp8train.fsdp as fsdp
+
+    casts = []
+    real_cast = fsdp._cast_shard
+    monkeypatch.setattr(fsdp, "_cast_shard", lambda *a: casts.append(1) or real_cast(*a))
+    cfg = Float8LinearConfig.from_recipe_name("delayed", enable_fsdp_float8_all_gather=True)
+    lin = Float8Linear(32, 32, bias=False, config=cfg)
+    lin.is_amax_initialized = True  # stored scale: no collective
+    lin.fp8_scale_weight.fill_(64.0)
+    shard = lin.weight
+
+    def gather():
+        return shard.fsdp_pre_all_gather(_FakeMesh(1), shard.shape, shard.stride(), lin, None)
+
+    def in_backward(*calls):
+        """Run the calls inside autograd's backward (where FSDP2's pre-backward all-gather runs)."""
+        out = []
+        x = torch.ones(1, requires_grad=True)
+        y = x * 2
+        y.register_hook(lambda g: out.extend(c() for c in calls))
+        y.backward()
+        return out
+
+    forward = gather()
+    first, second = in_backward(gather, gather)
+    assert first is forward  # reused once, then dropped: the second backward all-gather casts again
+    assert second is not forward and len(casts) == 2 and torch.equal(second[0][0], forward[0][0])
+
+    gather()
+    lin.weight.grad = torch.ones_like(shard._tensor)
+    torch.optim.SGD([lin.weight], lr=1.0).step()  # the weight changed since the forward
+    (after_step,) = in_backward(gather)
+    assert len(casts) == 4
+    expected = saturated_cast(shard._tensor, torch.tensor(64.0), torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(after_step[0][0], expected) and not torch.equal(after_step[0][0], forward[0][0])
+
+    gather()
+    with torch.no_grad():
+        lin.weight.mul_(0.5)  # an in-place edit outside an optimizer
+    in_backward(gather)
+    assert len(casts) == 6
+    gather()
+    with torch.no_grad():
+        gather()  # a forward without grad (evaluation) keeps nothing, and drops the earlier bytes
+    in_backward(gather)
+    assert len(casts) == 9
