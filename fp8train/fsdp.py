@@ -23,6 +23,10 @@ them in high precision). The gathered bytes share one tensorwise scale, identica
   ``fp8_amax_weight`` and the sync's MAX all-reduce makes it the whole weight's. Before the first
   sync, the dynamic scale above.
 
+FSDP2 gathers a resharded weight again in backward: that all-gather reuses the forward's fp8 bytes
+(kept in between) when no optimizer step or in-place edit came between. On a GPU the shard is cast
+by ``fp8train.cast_kernel`` (cast + amax from one read) unless ``cast_kernel="torch"``.
+
 Why uint8 on the wire: gloo has no fp8 collectives, and FSDP2 itself all-gathers in uint8 when a
 group mixes dtypes; the bytes are the same.
 
