@@ -129,10 +129,7 @@ class Float8AllGatherWeight(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        def unwrap(t: Float8AllGatherWeight) -> torch.Tensor:
-            return t._tensor
-
-        out = func(*tree_map_only(cls, unwrap, args), **tree_map_only(cls, unwrap, kwargs or {}))
+        out = func(*_unwrap(args), **{k: _unwrap(v) for k, v in (kwargs or {}).items()})
         schema_args = func._schema.arguments
         if schema_args and schema_args[0].alias_info is not None and schema_args[0].alias_info.is_write:
             # in place (copy_, add_, the optimizer's foreach updates): the wrapper itself, or nothing
@@ -142,7 +139,15 @@ class Float8AllGatherWeight(torch.Tensor):
         return out
 
     # --- FSDP2 all-gather extension (the 5-argument pre-all-gather of torch 2.5+, checked in 2.13 and main) ---
-    def fsdp_pre_all_gather(
+    @property
+    def fsdp_pre_all_gather(self) -> "_PreAllGather":
+        """FSDP2's pre-all-gather hook: ``weight.fsdp_pre_all_gather(mesh, outer_size, outer_stride,
+        module, mp_policy)`` runs ``_pre_all_gather``. A callable object, not a method: FSDP2 calls
+        ``inspect.signature`` on it at every all-gather of every weight, which rebuilds a bound
+        method's signature each time (40-125 us on a CPU); this object carries it ready-made."""
+        return _PreAllGather(self)
+
+    def _pre_all_gather(
         self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: nn.Module, mp_policy: Any
     ) -> tuple[tuple[torch.Tensor, ...], Any]:
         """This rank's shard cast to fp8 with the whole weight's scale, as uint8 bytes padded to
@@ -199,11 +204,35 @@ class Float8AllGatherWeight(torch.Tensor):
         return Float8Tensor(data, scale, param_dtype, mm_config, GemmInputRole.WEIGHT), (data,)
 
 
-# FSDP2 calls inspect.signature on this method at every all-gather of every weight (to tell its 1- and
-# 5-argument forms apart); a stored signature spares it parsing the function each time
-Float8AllGatherWeight.fsdp_pre_all_gather.__signature__ = inspect.signature(  # type: ignore[attr-defined]
-    Float8AllGatherWeight.fsdp_pre_all_gather
+def _unwrap(x: Any) -> Any:
+    """``x`` with each ``Float8AllGatherWeight`` replaced by the tensor it wraps. aten arguments are
+    tensors, scalars and flat lists of them; cheaper than pytree on the fused optimizer's lists."""
+    if isinstance(x, Float8AllGatherWeight):
+        return x._tensor
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v) for v in x)
+    return x
+
+
+class _PreAllGather:
+    """``Float8AllGatherWeight.fsdp_pre_all_gather`` bound to one weight, with a stored signature."""
+
+    __slots__ = ("weight",)
+
+    def __init__(self, weight: Float8AllGatherWeight) -> None:
+        self.weight = weight
+
+    def __call__(
+        self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: nn.Module, mp_policy: Any
+    ) -> tuple[tuple[torch.Tensor, ...], Any]:
+        return self.weight._pre_all_gather(mesh, outer_size, outer_stride, module, mp_policy)
+
+
+_signature = inspect.signature(_PreAllGather.__call__)
+_PreAllGather.__signature__ = _signature.replace(  # type: ignore[attr-defined]
+    parameters=list(_signature.parameters.values())[1:]  # what FSDP2 counts: 5 parameters, no self
 )
+del _signature
 
 
 class _StepCounter:
