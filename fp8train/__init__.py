@@ -22,7 +22,7 @@ from fp8train.config import (
 )
 from fp8train.costmodel import GemmCostModel
 from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training
-from fp8train.delayed import sync_float8_amax_and_scale_history
+from fp8train.delayed import delayed_scales_pending, eager_until_synced, sync_float8_amax_and_scale_history
 from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from fp8train.linear import Float8Linear, set_weight_cast_cache
 from fp8train.ops import scaled_mm
@@ -44,6 +44,8 @@ __all__ = [
     "ScalingType",
     "conversion_report",
     "convert_to_float8_training",
+    "delayed_scales_pending",
+    "eager_until_synced",
     "from_float8",
     "precompute_float8_dynamic_scale_for_fsdp",
     "recipe_names",

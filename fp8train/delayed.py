@@ -29,12 +29,18 @@ match up.
 
 Loading a state dict (``load_state_dict``, DCP's ``set_model_state_dict``) marks a layer as synced
 when its loaded amax history holds a value, so a resumed run casts with the loaded scales at once.
+
+Until its first sync a layer has no history and casts with dynamic scales; under ``torch.compile``
+that is a different graph, so a compiled model compiles twice (once for the first step, again
+after the first sync). ``eager_until_synced(model)`` runs the steps before the first sync without
+compiling (the Lightning callback does this), so the model compiles once.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -45,7 +51,8 @@ from torch.distributed.tensor import DTensor
 from fp8train.config import Float8LinearConfig, GemmInputRole
 from fp8train.scaling import EPS, floor_pow2, fp8_max, tensor_amax
 
-__all__ = ["ROLES", "register_delayed_buffers", "record_amax", "sync_float8_amax_and_scale_history"]
+__all__ = ["ROLES", "register_delayed_buffers", "record_amax", "sync_float8_amax_and_scale_history",
+           "delayed_scales_pending", "eager_until_synced"]
 
 ROLES: tuple[str, ...] = tuple(r.value for r in GemmInputRole)  # input, weight, grad_output
 _STATE = ("amax", "amax_history", "scale", "nonfinite")
@@ -121,6 +128,37 @@ def sync_float8_amax_and_scale_history(model: nn.Module, process_group: Any = No
         _sync_group(layers, key, process_group)
         for m in layers:
             m.is_amax_initialized = True
+
+
+def delayed_scales_pending(model: nn.Module) -> bool:
+    """True while some delayed-scaling layer of ``model`` has not synced yet (it casts with dynamic
+    scales until its first ``sync_float8_amax_and_scale_history`` or a loaded checkpoint)."""
+    return any(not m.is_amax_initialized for m in _delayed_layers(model))
+
+
+@contextlib.contextmanager
+def eager_until_synced(model: nn.Module) -> Iterator[None]:
+    """Run the body without ``torch.compile`` while ``model`` has delayed layers not yet synced.
+
+    Wrap each training step (forward and backward) in it. The steps before the first sync cast with
+    dynamic scales, which under ``torch.compile`` is a graph of its own: compiled, a model with
+    delayed scaling would compile twice, the first graph for a single step. Inside this context
+    those steps run eagerly (``torch.compiler.set_stance("force_eager")``) and the model compiles
+    once, at the first step after the sync. Once every layer has synced it does nothing.
+
+    Example:
+        >>> compiled = torch.compile(model)
+        >>> for x, y in batches:
+        ...     with fp8train.eager_until_synced(model):
+        ...         loss_fn(compiled(x), y).backward()
+        ...     fp8train.sync_float8_amax_and_scale_history(model)
+        ...     optimizer.step(); optimizer.zero_grad()
+    """
+    if delayed_scales_pending(model):
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    else:
+        yield
 
 
 _MAXES: dict[tuple[Any, ...], torch.Tensor] = {}

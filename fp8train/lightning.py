@@ -92,7 +92,7 @@ from typing_extensions import override
 
 from fp8train.config import Float8LinearConfig, ScalingType, recipe_names
 from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training, runs_fp8_gemms
-from fp8train.delayed import sync_float8_amax_and_scale_history
+from fp8train.delayed import delayed_scales_pending, sync_float8_amax_and_scale_history
 from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from fp8train.linear import Float8Linear, set_weight_cast_cache
 from fp8train.diagnostics import wasted_bits
@@ -168,6 +168,11 @@ class Float8Training(Callback):
         auto_filter: keep linears too small for fp8 to pay in high precision (a cost model of the
             GPU; ``fp8train.costmodel``); the conversion table names each with its predicted
             speedup. ``None`` (default): on when the trainer runs on CUDA without ``emulate``.
+        eager_until_synced: with delayed scaling, run the training steps before the first sync
+            without ``torch.compile`` (``fp8train.eager_until_synced``), so a compiled model
+            compiles once instead of twice (its first step would otherwise be a graph of its own,
+            casting with dynamic scales). No effect without delayed scaling or once synced (a
+            resumed checkpoint is synced).
 
     Raises:
         ValueError: at construction, for an unknown recipe name or any invalid argument (the
@@ -194,6 +199,7 @@ class Float8Training(Callback):
         guard_every_n_steps: int | None = None,
         cache_weight_casts: bool = True,
         auto_filter: bool | None = None,
+        eager_until_synced: bool = True,
     ) -> None:
         if isinstance(config, str):
             if config not in recipe_names():
@@ -231,6 +237,9 @@ class Float8Training(Callback):
             raise ValueError(f"Float8Training(auto_filter={auto_filter!r}) is invalid; valid: True, False or None (auto)")
         if not isinstance(cache_weight_casts, bool):
             raise ValueError(f"Float8Training(cache_weight_casts={cache_weight_casts!r}) is invalid; valid: True or False")
+        if not isinstance(eager_until_synced, bool):
+            raise ValueError(f"Float8Training(eager_until_synced={eager_until_synced!r}) is invalid; valid: True or False")
+        self.eager_until_synced = eager_until_synced
         self.config = config
         self.cache_weight_casts = cache_weight_casts
         self.auto_filter = auto_filter
@@ -256,6 +265,7 @@ class Float8Training(Callback):
         self._stepped = False
         self._batches_since_step = 0
         self._probe: OperandProbe | None = None
+        self._eager_stance: Any = None  # torch.compiler.set_stance("force_eager") while delayed layers await their first sync
         self._snapshot: dict[str, torch.Tensor] | None = None
         self._metric: Float8Stats | None = None
         self._amax_backup: list[torch.Tensor] | None = None
@@ -482,11 +492,18 @@ class Float8Training(Callback):
             set_weight_cast_cache(self._holder, "off")
         self._drop_probe()
         self._unpatch()
+        self._end_eager()
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._drop_probe()
         self._unpatch()
+        self._end_eager()
+
+    def _end_eager(self) -> None:
+        if self._eager_stance is not None:
+            self._eager_stance.__exit__(None, None, None)  # back to the stance before ours
+            self._eager_stance = None
 
     # --- per step ------------------------------------------------------------------------------------
     @override
@@ -500,6 +517,11 @@ class Float8Training(Callback):
         if self._layers and self.cache_weight_casts and trainer.accumulate_grad_batches > 1:
             # weights only change at the optimizer step: cast them on its first micro-batch, reuse after
             set_weight_cast_cache(self._holder, "fill" if self._plan is None else "reuse")
+        if (self._has_delayed and self.eager_until_synced and self._eager_stance is None
+                and delayed_scales_pending(self._holder)):
+            # until the first sync the casts use dynamic scales: as a compiled graph that would be
+            # compiled for this one step and again after the sync; eager, the model compiles once
+            self._eager_stance = torch.compiler.set_stance("force_eager")
         if not self._layers or self._plan is not None:
             return  # no fp8, or a later micro-batch of the same optimizer step
         plan = self._plan = self._plan_step(trainer)
@@ -551,6 +573,7 @@ class Float8Training(Callback):
             return
         self._stepped = False
         self._batches_since_step = 0
+        self._end_eager()  # the sync ran in on_before_optimizer_step
         if self._precompute:  # the weights just changed: scales for the next FSDP2 fp8 all-gathers
             precompute_float8_dynamic_scale_for_fsdp(self._holder)
         plan, self._plan = self._plan, None

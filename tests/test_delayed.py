@@ -193,3 +193,42 @@ def test_buffers_stay_fp32_under_module_dtype_casts():
     for k, v in m.state_dict().items():
         if "fp8_" in k:
             assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+
+
+def _steps_compiled(model: nn.Module, n: int, eager_first: bool) -> int:
+    """Train ``n`` steps of a compiled delayed-scaling model; the number of frames dynamo compiled."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(n):
+        x = torch.randn(8, 32)
+        if eager_first:
+            with fp8train.eager_until_synced(model):
+                compiled(x).square().mean().backward()
+        else:
+            compiled(x).square().mean().backward()
+        sync_float8_amax_and_scale_history(model)
+        opt.step()
+        opt.zero_grad()
+    return counter.frame_count
+
+
+def test_eager_until_synced_compiles_a_delayed_model_once():
+    from torch._dynamo.eval_frame import _stance
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+        return fp8train.convert_to_float8_training(m, config=Float8LinearConfig.from_recipe_name("delayed", emulate=True))
+
+    m = model()
+    assert fp8train.delayed_scales_pending(m)
+    assert _steps_compiled(m, 3, eager_first=False) == 2  # dynamic-scale graph for step 1, then the delayed one
+    m = model()
+    assert _steps_compiled(m, 3, eager_first=True) == 1  # step 1 ran eagerly
+    assert not fp8train.delayed_scales_pending(m) and _stance.stance == "default"
+    tensorwise = fp8train.convert_to_float8_training(nn.Sequential(nn.Linear(32, 32)), config="tensorwise")
+    assert not fp8train.delayed_scales_pending(tensorwise)  # nothing to wait for: the context does nothing

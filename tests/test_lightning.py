@@ -565,3 +565,27 @@ def test_validation_does_not_feed_delayed_amax(tmp_path):
     # validation activations never reach the delayed history
     assert before > 0 and during == before
     assert after == before
+
+
+@pytest.mark.parametrize("eager_first", [True, False])
+def test_compiled_delayed_model_compiles_once(tmp_path, eager_first):
+    """Until the first sync the casts use dynamic scales; the callback runs those steps eagerly so the
+    compiled module compiles once (twice with ``eager_until_synced=False``), then restores the stance."""
+    from torch._dynamo.eval_frame import _stance
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    counter = CompileCounter()
+    model = TinyMLP()
+    model.net = torch.compile(model.net, backend=counter)
+    cb = Float8Training("delayed", skip="lm_head", eager_until_synced=eager_first)
+    trainer = make_trainer(tmp_path, [cb], max_steps=3, accumulate_grad_batches=2)
+    trainer.fit(model, loader())
+    # with gradient accumulation the weight-cast cache adds a graph ("fill" on the first micro-batch,
+    # "reuse" after): 2 graphs, or 4 when the first step compiles its dynamic-scale variants too
+    assert counter.frame_count == (2 if eager_first else 4)
+    assert _stance.stance == "default"
+    assert len(model.losses) == 6 and all(torch.isfinite(x) for x in model.losses)
+    with pytest.raises(ValueError, match=r"eager_until_synced='yes'"):
+        Float8Training(eager_until_synced="yes")  # type: ignore[arg-type]
