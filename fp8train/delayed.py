@@ -33,7 +33,8 @@ when its loaded amax history holds a value, so a resumed run casts with the load
 Until its first sync a layer has no history and casts with dynamic scales; under ``torch.compile``
 that is a different graph, so a compiled model compiles twice (once for the first step, again
 after the first sync). ``eager_until_synced(model)`` runs the steps before the first sync without
-compiling (the Lightning callback does this), so the model compiles once.
+compiling, so the model compiles once (``Float8Training(eager_until_synced=True)`` in Lightning);
+the eager steps need more memory than compiled ones.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def eager_until_synced(model: nn.Module) -> Iterator[None]:
     dynamic scales, which under ``torch.compile`` is a graph of its own: compiled, a model with
     delayed scaling would compile twice, the first graph for a single step. Inside this context
     those steps run eagerly (``torch.compiler.set_stance("force_eager")``) and the model compiles
-    once, at the first step after the sync. Once every layer has synced it does nothing.
+    once, at the first step after the sync. Once every layer has synced it does nothing. An eager
+    step holds more activation memory than a compiled one (no fusion): leave headroom for it.
 
     Example:
         >>> compiled = torch.compile(model)

@@ -109,11 +109,10 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
         fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
 
     def step() -> torch.Tensor:
-        with fp8train.eager_until_synced(model):  # delayed: compile once, after the first sync
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            loss.backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
         if delayed:
             fp8train.sync_float8_amax_and_scale_history(model)
         opt.step()

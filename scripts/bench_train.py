@@ -109,11 +109,10 @@ def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, ste
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> torch.Tensor:
-        with fp8train.eager_until_synced(model):  # delayed: compile once, after the first sync
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = compiled(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            loss.backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = compiled(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
         if delayed:
             fp8train.sync_float8_amax_and_scale_history(model)
         opt.step()
