@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
+import pathlib
 import statistics
 import subprocess
 import time
@@ -72,14 +74,20 @@ def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int) -> tup
 
 
 def meta(**extra: Any) -> dict[str, Any]:
-    """Device, torch version, date and git commit of a benchmark run, plus ``extra``."""
+    """Device, torch version, date, git commit and a hash of the ``fp8train`` sources of a benchmark
+    run, plus ``extra``. The source hash identifies the code that ran even where the checkout's git
+    metadata is not that of the files (a copied working tree)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
+    root = pathlib.Path(fp8train.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"device": device, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-            "commit": commit, **extra}
+            "commit": commit, "fp8train_sha256": digest.hexdigest()[:12], **extra}
 
 
 def run_case(name: str, cfg: LlamaConfig, batch: int, seq: int, warmup: int, steps: int,

@@ -32,3 +32,12 @@ def test_no_warning_for_even_steps(capsys):
     sec, _, _ = time_steps(lambda: (time.sleep(0.1), torch.zeros(()))[1], warmup=1, steps=3)
     assert sec >= 0.099
     assert "slowest step" not in capsys.readouterr().out
+
+
+def test_run_metadata_names_the_code_by_a_source_hash():
+    from bench_train import meta
+
+    a, b = meta(model="x"), meta()
+    assert a["model"] == "x" and {"device", "torch", "date", "commit"} <= a.keys()
+    sha = a["fp8train_sha256"]
+    assert len(sha) == 12 and int(sha, 16) >= 0 and sha == b["fp8train_sha256"]  # stable for the same sources
