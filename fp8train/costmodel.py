@@ -47,6 +47,11 @@ class GemmCostModel:
         s_fixed: fixed cost per layer and step, seconds.
         tokens: tokens per step M assumed when the caller does not give one.
         min_speedup: the auto filter converts a layer only if its predicted speedup is at least this.
+        tensor_parallel: ranks each linear is split over by tensor parallelism. Each rank runs the
+            GEMMs of its shard; the prediction takes the larger of ``K`` and ``N`` as the split one
+            (Megatron-style plans: column-wise up-projections ``K x N/tp``, row-wise
+            down-projections ``K/tp x N``; square layers either way), since the style is not known
+            when layers are converted (before tensor parallelism is applied).
     """
 
     name: str
@@ -57,8 +62,11 @@ class GemmCostModel:
     s_fixed: float
     tokens: int = 16384
     min_speedup: float = 1.10
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.tensor_parallel, bool) or not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise ValueError(f"GemmCostModel.tensor_parallel={self.tensor_parallel!r} is invalid; valid: an int >= 1")
         for f in ("bf16_flops", "gemm_speedup", "tokens", "min_speedup"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
@@ -76,8 +84,12 @@ class GemmCostModel:
         return bf16, fp8 + self.s_fixed
 
     def predicted_speedup(self, in_features: int, out_features: int, tokens: int | None = None) -> float:
-        """bf16 time over fp8 time of one training step of a ``K x N`` linear (> 1: fp8 is faster)."""
-        bf16, fp8 = self.step_seconds(in_features, out_features, tokens)
+        """bf16 time over fp8 time of one training step of a ``K x N`` linear (> 1: fp8 is faster);
+        with ``tensor_parallel > 1``, of the shard one rank multiplies (its larger dimension split)."""
+        k, n, tp = in_features, out_features, self.tensor_parallel
+        if tp > 1:
+            k, n = (k, n // tp) if n >= k else (k // tp, n)
+        bf16, fp8 = self.step_seconds(k, n, tokens)
         return bf16 / fp8
 
     def skip_reason(self, in_features: int, out_features: int) -> str | None:
@@ -85,8 +97,9 @@ class GemmCostModel:
         s = self.predicted_speedup(in_features, out_features)
         if s >= self.min_speedup:
             return None
-        return (f"auto filter: predicted {s:.2f}x of bf16 for {in_features}x{out_features} at {self.tokens} tokens "
-                f"on {self.name} (< {self.min_speedup:g}x); pass auto_filter=False to convert it anyway")
+        shard = f" split over {self.tensor_parallel} tensor-parallel ranks" if self.tensor_parallel > 1 else ""
+        return (f"auto filter: predicted {s:.2f}x of bf16 for {in_features}x{out_features}{shard} at {self.tokens} "
+                f"tokens on {self.name} (< {self.min_speedup:g}x); pass auto_filter=False to convert it anyway")
 
     def replace(self, **changes: object) -> "GemmCostModel":
         """A copy with some fields changed (e.g. ``tokens=batch * seq_len``)."""

@@ -91,6 +91,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from fp8train.config import Float8LinearConfig, ScalingType, recipe_names
+from fp8train.costmodel import GemmCostModel, for_current_device
 from fp8train.convert import ConversionReport, conversion_report, convert_to_float8_training, runs_fp8_gemms
 from fp8train.delayed import delayed_scales_pending, sync_float8_amax_and_scale_history
 from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
@@ -167,7 +168,8 @@ class Float8Training(Callback):
             ``out_features x in_features`` bytes per layer). See ``fp8train.set_weight_cast_cache``.
         auto_filter: keep linears too small for fp8 to pay in high precision (a cost model of the
             GPU; ``fp8train.costmodel``); the conversion table names each with its predicted
-            speedup. ``None`` (default): on when the trainer runs on CUDA without ``emulate``.
+            speedup. ``None`` (default): on when the trainer runs on CUDA without ``emulate``. Under
+            a strategy with a ``tensor_parallel`` mesh dimension it judges each rank's shard.
         eager_until_synced: with delayed scaling, run the training steps before the first sync
             without ``torch.compile`` (``fp8train.eager_until_synced``), so a compiled model
             compiles once instead of twice (its first step would otherwise be a graph of its own,
@@ -355,11 +357,14 @@ class Float8Training(Callback):
 
     def _convert(self, pl_module: LightningModule) -> None:
         """Swap the linears that are not converted yet (idempotent), then re-index the layers."""
-        auto = self.auto_filter
+        auto: bool | GemmCostModel | None = self.auto_filter
+        trainer = getattr(pl_module, "_trainer", None)
         if auto is None:
-            trainer = getattr(pl_module, "_trainer", None)
             on_cuda = trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
             auto = on_cuda and runs_fp8_gemms(self.config)
+        tp = _tensor_parallel_size(trainer)
+        if auto is True and tp > 1:  # judge the shard each rank multiplies, not the whole layer
+            auto = for_current_device().replace(tensor_parallel=tp)
         with _float32_default_dtype():
             convert_to_float8_training(pl_module, config=self.config, module_filter_fn=self._keep, auto_filter=auto)
         report = conversion_report(pl_module)
@@ -1013,3 +1018,14 @@ def _fmt(v: float | None) -> str:
 
 def _fmt_pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.2%}"
+
+
+def _tensor_parallel_size(trainer: Trainer | None) -> int:
+    """Ranks of the strategy's ``tensor_parallel`` mesh dimension (``ModelParallelStrategy`` and
+    subclasses, once processes are initialized); 1 otherwise."""
+    try:
+        mesh = trainer.strategy.device_mesh if trainer is not None else None
+    except (AttributeError, RuntimeError):  # no mesh, or not created yet
+        return 1
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    return mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1

@@ -87,7 +87,8 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
         model = Llama(cfg)
     n_fp8 = 0
     if config is not None:
-        auto = for_current_device().replace(tokens=args.batch * args.seq) if args.auto_filter and cuda else False
+        auto = (for_current_device().replace(tokens=args.batch * args.seq, tensor_parallel=args.tp)
+                if args.auto_filter and cuda else False)
         fp8train.convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn != "lm_head",
                                             auto_filter=auto)
         n_fp8 = len(fp8train.conversion_report(model).converted)

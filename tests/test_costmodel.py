@@ -26,7 +26,8 @@ def test_skip_reason_names_shape_and_escape_hatch():
 
 
 @pytest.mark.parametrize("field,value", [("bf16_flops", 0), ("gemm_speedup", -1.0), ("tokens", True),
-                                         ("s_fixed", -1e-6), ("min_speedup", "fast")])
+                                         ("s_fixed", -1e-6), ("min_speedup", "fast"), ("tensor_parallel", 0),
+                                         ("tensor_parallel", 2.0)])
 def test_bad_cost_model_fields_fail_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"GemmCostModel.{field}="):
         H100.replace(**{field: value})
@@ -99,3 +100,47 @@ def test_auto_filter_on_the_built_in_llamas():
     assert H100.min_speedup < H100.predicted_speedup(2048, 2048, tokens=16384) < 1.15
     assert converted("llama_1b") == (112, 1)
     assert converted("llama_125m")[0] == 0
+
+
+def test_tensor_parallel_judges_the_shard_each_rank_multiplies():
+    """Under TP each rank runs its shard's GEMMs: the larger dimension split (column-wise up-, row-wise
+    down-projections). llama_1b at TP=2: the 2048x2048 projections (2048x1024 shards, 0.93x) stay
+    bf16, the SwiGLU linears (2048x4096 / 4096x2048 shards, 1.24x) convert."""
+    import torch
+
+    from fp8train.models.llama import Llama, LlamaConfig
+
+    tp2 = H100.replace(tensor_parallel=2)
+    assert tp2.predicted_speedup(2048, 8192) == pytest.approx(H100.predicted_speedup(2048, 4096))
+    assert tp2.predicted_speedup(8192, 2048) == pytest.approx(H100.predicted_speedup(4096, 2048))
+    assert tp2.predicted_speedup(2048, 2048) == pytest.approx(H100.predicted_speedup(2048, 1024))
+    assert tp2.predicted_speedup(2048, 2048) < tp2.min_speedup
+    assert "split over 2 tensor-parallel ranks" in tp2.skip_reason(2048, 2048)
+    with torch.device("meta"):
+        model = Llama(LlamaConfig.from_name("llama_1b"))
+    fp8train.convert_to_float8_training(model, config="tensorwise", auto_filter=tp2,
+                                        module_filter_fn=lambda m, fqn: fqn != "lm_head")
+    converted = fp8train.conversion_report(model).converted
+    assert len(converted) == 48 and all("feed_forward" in name for name in converted)
+
+
+def test_callback_reads_the_tensor_parallel_size_of_its_strategy():
+    from types import SimpleNamespace
+
+    from fp8train.lightning import _tensor_parallel_size
+
+    class Mesh:
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name):
+            return SimpleNamespace(size=lambda: {"data_parallel": 4, "tensor_parallel": 2}[name])
+
+    class NotYet:
+        @property
+        def device_mesh(self):
+            raise RuntimeError("Accessing the device mesh before processes have initialized is not allowed.")
+
+    assert _tensor_parallel_size(SimpleNamespace(strategy=SimpleNamespace(device_mesh=Mesh()))) == 2
+    assert _tensor_parallel_size(SimpleNamespace(strategy=NotYet())) == 1
+    assert _tensor_parallel_size(SimpleNamespace(strategy=SimpleNamespace())) == 1  # DDP, single device
+    assert _tensor_parallel_size(None) == 1
