@@ -290,3 +290,49 @@ def test_kernel_in_the_compiled_graph_only_when_asked(setting):
     _, code = run_and_get_code(step)
     assert ("_cast_transpose_kernel" in "\n".join(code)) == (setting == "triton")
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_fsdp_shard_cast_plumbing_on_cpu(recipe, monkeypatch):
+    """FSDP2's pre-all-gather casts the weight shard through the kernel where it fits (row-major only,
+    the delayed amax from the same read): same bytes, scale and recorded amax as the torch path, with
+    the kernel's op replaced by its torch contract on CPU."""
+    from fp8train.fsdp import _STEPS
+
+    calls = []
+
+    def op(*args):
+        calls.append(args[3:])
+        return _torch_op(*args)
+
+    class Mesh:  # one rank: the stored or precomputed scale needs no collective
+        def size(self) -> int:
+            return 1
+
+        def get_group(self):
+            raise AssertionError("a collective was attempted")
+
+    def gather(cast_kernel_mode: str):
+        torch.manual_seed(0)
+        cfg = Float8LinearConfig.from_recipe_name(recipe, enable_fsdp_float8_all_gather=True,
+                                                  cast_kernel=cast_kernel_mode)
+        lin = fp8train.Float8Linear(48, 40, bias=False, config=cfg)
+        w = lin.weight
+        if recipe == "delayed":
+            lin.is_amax_initialized = True
+            lin.fp8_scale_weight.fill_(32.0)
+        else:
+            w._precomputed_scale, w._precomputed_at = torch.tensor(32.0), (_STEPS.count, w._version)
+        (data,), (scale, dtype, _) = w.fsdp_pre_all_gather(Mesh(), w.shape, w.stride(), lin, None)
+        return data, scale, getattr(lin, "fp8_amax_weight", None)
+
+    ref = gather("torch")
+    monkeypatch.setattr(cast_kernel, "_cast_transpose_op", op, raising=False)
+    monkeypatch.setattr(cast_kernel, "fits", lambda x, dtype: x.dim() == 2)
+    got = gather("auto")
+    assert calls == [(True, False, recipe == "delayed")]  # row-major only; amax asked for with delayed
+    assert torch.equal(got[0], ref[0]) and got[0].dtype == torch.uint8 and torch.equal(got[1], ref[1])
+    if recipe == "delayed":
+        assert got[2] > 0 and torch.equal(got[2], ref[2])
+    gather("torch")
+    assert len(calls) == 1  # cast_kernel="torch" keeps torch ops
