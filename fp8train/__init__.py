@@ -27,6 +27,7 @@ from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from fp8train.linear import Float8Linear, set_weight_cast_cache
 from fp8train.ops import scaled_mm
 from fp8train.scaling import from_float8, to_float8
+from fp8train.swiglu import Float8SwiGLU, register_swiglu
 from fp8train.tensor import Float8Tensor
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "DelayedScalingConfig",
     "Float8Linear",
     "Float8LinearConfig",
+    "Float8SwiGLU",
     "Float8Tensor",
     "GemmCostModel",
     "GemmInputRole",
@@ -49,6 +51,7 @@ __all__ = [
     "from_float8",
     "precompute_float8_dynamic_scale_for_fsdp",
     "recipe_names",
+    "register_swiglu",
     "scaled_mm",
     "set_weight_cast_cache",
     "sync_float8_amax_and_scale_history",

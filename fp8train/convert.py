@@ -16,6 +16,7 @@ import torch.nn as nn
 from fp8train.config import Float8LinearConfig
 from fp8train.costmodel import GemmCostModel, for_current_device
 from fp8train.linear import Float8Linear
+from fp8train.swiglu import Float8SwiGLU, check_swiglu, fusable_config, swiglu_names
 
 __all__ = ["convert_to_float8_training", "conversion_report", "ConversionReport", "ModuleFilter"]
 
@@ -31,11 +32,13 @@ class ConversionReport:
         converted: fully-qualified names of layers now running in fp8.
         skipped: name → human-readable reason.
         config: the config converted layers use.
+        fused_swiglu: names of the feed-forwards wrapped as ``Float8SwiGLU`` (``fuse_swiglu``).
     """
 
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     config: Float8LinearConfig | None = None
+    fused_swiglu: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         """A fixed-width table of every linear layer and what happened to it."""
@@ -45,6 +48,8 @@ class ConversionReport:
         lines = [f"{'layer':<{width}}  {'status':<7}  reason", "-" * (width + 20)]
         lines += [f"{n:<{width}}  {s:<7}  {r}" for n, s, r in rows]
         lines.append(f"{len(self.converted)} converted, {len(self.skipped)} skipped")
+        if self.fused_swiglu:
+            lines.append(f"{len(self.fused_swiglu)} SwiGLU feed-forwards fused (Float8SwiGLU)")
         return "\n".join(lines)
 
 
@@ -90,12 +95,24 @@ def resolve_auto_filter(auto_filter: AutoFilter, config: Float8LinearConfig) -> 
     return for_current_device() if auto_filter else None
 
 
+def resolve_fuse_swiglu(fuse_swiglu: bool | None, config: Float8LinearConfig) -> bool:
+    """Whether the swap wraps SwiGLU feed-forwards as ``Float8SwiGLU``: ``None`` (the default) does
+    where fp8 runs for speed (CUDA available, real fp8 GEMMs, as ``resolve_auto_filter``) and the
+    recipe's casts can fuse (``fp8train.swiglu.fusable_config``)."""
+    if fuse_swiglu is None:
+        return torch.cuda.is_available() and runs_fp8_gemms(config) and fusable_config(config)
+    if not isinstance(fuse_swiglu, bool):
+        raise ValueError(f"fuse_swiglu={fuse_swiglu!r} is invalid; valid: None (auto), True or False")
+    return fuse_swiglu
+
+
 def convert_to_float8_training(
     module: nn.Module,
     *,
     config: Float8LinearConfig | str | None = None,
     module_filter_fn: ModuleFilter | None = None,
     auto_filter: AutoFilter = None,
+    fuse_swiglu: bool | None = None,
 ) -> nn.Module:
     """Replace every eligible ``nn.Linear`` in ``module`` with a ``Float8Linear``, in place.
 
@@ -108,6 +125,12 @@ def convert_to_float8_training(
             of the GPU (``fp8train.costmodel``): ``None`` (default) does so when CUDA is available
             and ``config.emulate`` is off; ``True``/``False`` force it on/off; a ``GemmCostModel``
             uses that model (e.g. ``H100.replace(tokens=batch * seq_len)``).
+        fuse_swiglu: wrap SwiGLU feed-forwards whose three linears all convert (the built-in
+            Llama's, and classes given to ``fp8train.register_swiglu``) as ``Float8SwiGLU``, which
+            fuses the SwiGLU into the fp8 casts around it (``fp8train.swiglu``). ``None`` (default):
+            where CUDA is available, the GEMMs run in fp8 (not ``emulate``) and the recipe's casts
+            are tensorwise; ``True``/``False`` force it on/off. Parameters, state_dict keys and the
+            layers' names are unchanged.
 
     Returns:
         ``module`` (converted in place). ``conversion_report(module)`` lists converted and
@@ -124,6 +147,7 @@ def convert_to_float8_training(
     if not isinstance(config, Float8LinearConfig):
         raise ValueError(f"config={config!r} is invalid; valid: a Float8LinearConfig or a recipe name")
     cost = resolve_auto_filter(auto_filter, config)
+    fuse = resolve_fuse_swiglu(fuse_swiglu, config)
     report = ConversionReport(config=config)
 
     def visit(parent: nn.Module, prefix: str) -> None:
@@ -139,7 +163,16 @@ def convert_to_float8_training(
                 else:
                     report.skipped[fqn] = reason
             else:
+                names = swiglu_names(child) if fuse else None
+                if names is not None:
+                    check_swiglu(child, names)  # before the swap: the check runs no fp8 and records nothing
                 visit(child, fqn)
+                if names is not None and all(isinstance(getattr(child, n), Float8Linear) for n in names):
+                    order = tuple(n for n, _ in child.named_children())
+                    if set(order) == set(names):  # nothing else inside the module to keep
+                        gate, up, down = (getattr(child, n) for n in names)
+                        setattr(parent, name, Float8SwiGLU(gate, up, down, names, order))
+                        report.fused_swiglu.append(fqn)
 
     if isinstance(module, nn.Linear) and not isinstance(module, Float8Linear):
         reason = _skip_reason(module, "", module_filter_fn, cost)

@@ -178,6 +178,23 @@ def _reusable(forward_cfg: CastConfig, backward_cfg: CastConfig) -> bool:
     return forward_cfg.enabled and forward_cfg == backward_cfg and not (forward_cfg.axiswise or forward_cfg.mx)
 
 
+def _weight_operand(
+    weight: torch.Tensor, plan: _Plan, scale: torch.Tensor | None, amax: torch.Tensor | None,
+    cache: tuple[torch.Tensor, ...], cols: bool,
+) -> Operand:
+    """The weight for the output GEMM: as gathered in fp8 (FSDP2), from the micro-batch cache, or cast
+    (and stored in the cache on its "fill" step). ``cache`` is ``(fp8 data, scale)`` when in use."""
+    if isinstance(weight, Float8Tensor):
+        return _given(weight)
+    if plan.weight_cache == "reuse":  # a later micro-batch: the weight has not changed since "fill"
+        return Fp8Operand(cache[0], cache[1])
+    w8 = _cast(weight, plan.config.cast_config_weight, WEIGHT, -1, plan, scale, amax, cols=cols)
+    if plan.weight_cache == "fill":
+        cache[0].copy_(w8.data)
+        cache[1].copy_(w8.scale)
+    return w8
+
+
 class _Float8LinearFn(torch.autograd.Function):
     """``input @ weight.T`` with fp8 GEMMs in forward and backward. ``input`` is 2-D ``[M, K]``."""
 
@@ -203,15 +220,7 @@ class _Float8LinearFn(torch.autograd.Function):
             x8 = _given(x)
         else:
             x8 = _cast(x, cfg.cast_config_input, INPUT, -1, plan, scale_x, amax_x, cols=need_dw and x_reused)
-        if isinstance(weight, Float8Tensor):
-            w8 = _given(weight)
-        elif plan.weight_cache == "reuse":  # a later micro-batch: the weight has not changed since "fill"
-            w8 = Fp8Operand(cache[0], cache[1])
-        else:
-            w8 = _cast(weight, cfg.cast_config_weight, WEIGHT, -1, plan, scale_w, amax_w, cols=need_dx and w_reused)
-            if plan.weight_cache == "fill":
-                cache[0].copy_(w8.data)
-                cache[1].copy_(w8.scale)
+        w8 = _weight_operand(weight, plan, scale_w, amax_w, cache, cols=need_dx and w_reused)
         out = _gemm(x8, w8.t(), plan.mm.output, plan.compute_dtype, plan.compute_dtype)
         if _LINK_INPUTS_TO_OUTPUT:
             # torch 2.11's dynamo keeps gradients only for inputs the traced forward output depends
@@ -355,12 +364,23 @@ class Float8Linear(nn.Linear):
                 f"Float8LinearConfig.cast_kernel='triton' needs Triton and an NVIDIA GPU of compute capability "
                 f"8.9+; this layer runs on {input.device}. Set cast_kernel='auto' (the kernel where it runs) or 'torch'"
             )
+        plan = self._plan(input, weight)
+        x = input.reshape(-1, input.shape[-1]).to(plan.compute_dtype)
+        with torch.autocast(device_type, enabled=False):
+            out = _Float8LinearFn.apply(x, weight, plan, *self._state(plan))
+        out = out.reshape(*input.shape[:-1], weight.shape[0])
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out
+
+    def _plan(self, input: torch.Tensor, weight: torch.Tensor) -> _Plan:
+        """This call's static facts (``input`` is the layer's input, ``weight`` the weight it multiplies)."""
+        device_type = input.device.type
         autocast = torch.is_autocast_enabled(device_type)
-        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else input.dtype
-        plan = _Plan(
+        return _Plan(
             config=self.config,
             mm=self.linear_mm_config,
-            compute_dtype=compute_dtype,
+            compute_dtype=torch.get_autocast_dtype(device_type) if autocast else input.dtype,
             use_stored_scales=bool(getattr(self, "is_amax_initialized", False)),
             # under no_grad (eval, inference) no backward runs: nothing is saved or cast for it
             need_grad_input=input.requires_grad and torch.is_grad_enabled(),
@@ -369,16 +389,14 @@ class Float8Linear(nn.Linear):
             record_grad_amax=self.training,
             weight_cache=self.weight_cast_cache if self.training else "off",
         )
-        x = input.reshape(-1, input.shape[-1]).to(compute_dtype)
-        with torch.autocast(device_type, enabled=False):
-            state = self._delayed_state()
-            if plan.weight_cache != "off":
-                state += (self.fp8_weight_cache, self.fp8_weight_cache_scale)
-            out = _Float8LinearFn.apply(x, weight, plan, *state)
-        out = out.reshape(*input.shape[:-1], weight.shape[0])
-        if bias is not None:
-            out = out + bias.to(out.dtype)
-        return out
+
+    def _state(self, plan: _Plan) -> tuple[torch.Tensor, ...]:
+        """The buffers ``_Float8LinearFn`` takes after the plan: delayed scaling's six, then the
+        weight-cast cache's two when it is in use."""
+        state = self._delayed_state()
+        if plan.weight_cache != "off":
+            state += (self.fp8_weight_cache, self.fp8_weight_cache_scale)
+        return state
 
     @property
     def supports_weight_cast_cache(self) -> bool:
