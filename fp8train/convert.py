@@ -127,10 +127,11 @@ def convert_to_float8_training(
             uses that model (e.g. ``H100.replace(tokens=batch * seq_len)``).
         fuse_swiglu: wrap SwiGLU feed-forwards whose three linears all convert (the built-in
             Llama's, and classes given to ``fp8train.register_swiglu``) as ``Float8SwiGLU``, which
-            fuses the SwiGLU into the fp8 casts around it (``fp8train.swiglu``). ``None`` (default):
-            where CUDA is available, the GEMMs run in fp8 (not ``emulate``) and the recipe's casts
-            are tensorwise; ``True``/``False`` force it on/off. Parameters, state_dict keys and the
-            layers' names are unchanged.
+            fuses the SwiGLU into the fp8 casts around it (``fp8train.swiglu``), when the recipe's
+            casts are tensorwise (``fp8train.swiglu.fusable_config``: ``tensorwise``, ``delayed``).
+            ``None`` (default): where CUDA is available and the GEMMs run in fp8 (not ``emulate``);
+            ``True``/``False``: always / never. Parameters, state_dict keys and layer names are
+            unchanged.
 
     Returns:
         ``module`` (converted in place). ``conversion_report(module)`` lists converted and
@@ -167,7 +168,8 @@ def convert_to_float8_training(
                 if names is not None:
                     check_swiglu(child, names)  # before the swap: the check runs no fp8 and records nothing
                 visit(child, fqn)
-                if names is not None and all(isinstance(getattr(child, n), Float8Linear) for n in names):
+                if (names is not None and fusable_config(config)
+                        and all(isinstance(getattr(child, n), Float8Linear) for n in names)):
                     order = tuple(n for n, _ in child.named_children())
                     if set(order) == set(names):  # nothing else inside the module to keep
                         gate, up, down = (getattr(child, n) for n in names)

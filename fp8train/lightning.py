@@ -96,6 +96,7 @@ from fp8train.convert import ConversionReport, conversion_report, convert_to_flo
 from fp8train.delayed import delayed_scales_pending, sync_float8_amax_and_scale_history
 from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from fp8train.linear import Float8Linear, set_weight_cast_cache
+from fp8train.swiglu import fusable_config
 from fp8train.diagnostics import wasted_bits
 from fp8train.metrics import ROLES, Float8Stats, OperandProbe, local_shard, mx_payload, operand_cast_config
 from fp8train.mx_ops import mx_runs_native
@@ -177,6 +178,11 @@ class Float8Training(Callback):
             compiled one (llama_1b on an H200: 52 vs 38 GiB peak), so a run sized to the GPU's
             memory under compile could run out of it. No effect without delayed scaling or once
             synced (a resumed checkpoint is synced).
+        fuse_swiglu: run SwiGLU feed-forwards (the built-in Llama's, classes given to
+            ``fp8train.register_swiglu``) as ``fp8train.Float8SwiGLU``: the SwiGLU and its backward
+            fused with the fp8 casts around them. ``None`` (default): on when the trainer runs on
+            CUDA without ``emulate`` and the recipe's casts are tensorwise (``tensorwise``,
+            ``delayed``). Names, parameters and checkpoints are the same either way.
 
     Raises:
         ValueError: at construction, for an unknown recipe name or any invalid argument (the
@@ -204,6 +210,7 @@ class Float8Training(Callback):
         cache_weight_casts: bool = True,
         auto_filter: bool | None = None,
         eager_until_synced: bool = False,
+        fuse_swiglu: bool | None = None,
     ) -> None:
         if isinstance(config, str):
             if config not in recipe_names():
@@ -243,7 +250,10 @@ class Float8Training(Callback):
             raise ValueError(f"Float8Training(cache_weight_casts={cache_weight_casts!r}) is invalid; valid: True or False")
         if not isinstance(eager_until_synced, bool):
             raise ValueError(f"Float8Training(eager_until_synced={eager_until_synced!r}) is invalid; valid: True or False")
+        if fuse_swiglu is not None and not isinstance(fuse_swiglu, bool):
+            raise ValueError(f"Float8Training(fuse_swiglu={fuse_swiglu!r}) is invalid; valid: True, False or None (auto)")
         self.eager_until_synced = eager_until_synced
+        self.fuse_swiglu = fuse_swiglu
         self.config = config
         self.cache_weight_casts = cache_weight_casts
         self.auto_filter = auto_filter
@@ -359,14 +369,18 @@ class Float8Training(Callback):
         """Swap the linears that are not converted yet (idempotent), then re-index the layers."""
         auto: bool | GemmCostModel | None = self.auto_filter
         trainer = getattr(pl_module, "_trainer", None)
+        on_cuda = trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
         if auto is None:
-            on_cuda = trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
             auto = on_cuda and runs_fp8_gemms(self.config)
+        fuse = self.fuse_swiglu
+        if fuse is None:
+            fuse = on_cuda and runs_fp8_gemms(self.config) and fusable_config(self.config)
         tp = _tensor_parallel_size(trainer)
         if auto is True and tp > 1:  # judge the shard each rank multiplies, not the whole layer
             auto = for_current_device().replace(tensor_parallel=tp)
         with _float32_default_dtype():
-            convert_to_float8_training(pl_module, config=self.config, module_filter_fn=self._keep, auto_filter=auto)
+            convert_to_float8_training(pl_module, config=self.config, module_filter_fn=self._keep, auto_filter=auto,
+                                       fuse_swiglu=fuse)
         report = conversion_report(pl_module)
         if report is not None:
             self._converted_here.update(report.converted)
