@@ -43,6 +43,7 @@ __all__ = ["fits", "swiglu_cast", "swiglu_backward_cast", "swiglu_reference", "s
 # 64 x 64 tiles: the backward holds three fp32 input tiles and five outputs per program; 64 x 128
 # with 8 warps (the cast kernel's tile) is the alternative (scripts/diag/cast_kernels.py --swiglu)
 _BLOCK_M, _BLOCK_N, _WARPS = 64, 64, 4
+_BARRIER = True
 _MAX_GRID_Y = 65535
 
 
@@ -110,6 +111,7 @@ if triton is not None:
         da_ptr, da_t_ptr, db_ptr, db_t_ptr, g_t_ptr, amax_da_ptr, amax_db_ptr, rows, cols,
         FP8_MAX_G: tl.constexpr, FP8_MAX_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         STORE_ROWS: tl.constexpr, STORE_T: tl.constexpr, G_T: tl.constexpr, AMAX: tl.constexpr,
+        BARRIER: tl.constexpr,
     ):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -126,8 +128,12 @@ if triton is not None:
         if STORE_ROWS or STORE_T:
             _store_fp8(da_ptr, da_t_ptr, da, tl.load(scale_da_ptr), r, c, rows, cols, mask, FP8_MAX_D,
                        STORE_ROWS, STORE_T)
+            if BARRIER:
+                tl.debug_barrier()
             _store_fp8(db_ptr, db_t_ptr, db, tl.load(scale_db_ptr), r, c, rows, cols, mask, FP8_MAX_D,
                        STORE_ROWS, STORE_T)
+            if BARRIER:
+                tl.debug_barrier()
         if G_T:
             _store_fp8(g_t_ptr, g_t_ptr, silu * b, tl.load(scale_g_ptr), r, c, rows, cols, mask, FP8_MAX_G,
                        False, True)
@@ -173,7 +179,7 @@ if triton is not None:
             dg, h1, h3, scale_g, scale_dh1, scale_dh3, da, da_t, db, db_t, gt, pa, pb, rows, cols,
             FP8_MAX_G=float(torch.finfo(g_dtype).max), FP8_MAX_D=float(torch.finfo(grad_dtype).max),
             BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, STORE_ROWS=rows_out, STORE_T=transposed, G_T=g_t, AMAX=amax,
-            num_warps=_WARPS,
+            BARRIER=_BARRIER, num_warps=_WARPS,
         )
         return da, da_t, db, db_t, gt, pa, pb
 
