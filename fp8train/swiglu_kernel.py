@@ -42,8 +42,9 @@ __all__ = ["fits", "swiglu_cast", "swiglu_backward_cast", "swiglu_reference", "s
 
 # 64 x 64 tiles: the backward holds three fp32 input tiles and five outputs per program; 64 x 128
 # with 8 warps (the cast kernel's tile) is the alternative (scripts/diag/cast_kernels.py --swiglu)
-_BLOCK_M, _BLOCK_N, _WARPS = 64, 64, 4
+_BLOCK_M, _BLOCK_N, _WARPS = 64, 128, 8
 _BARRIER = True
+_TMODE = 1
 _MAX_GRID_Y = 65535
 
 
@@ -74,12 +75,24 @@ if triton is not None:
 
     @triton.jit
     def _store_fp8(ptr, ptr_t, v, scale, r, c, rows, cols, mask, FP8_MAX: tl.constexpr,
-                   ROW_MAJOR: tl.constexpr, TRANSPOSED: tl.constexpr):
+                   ROW_MAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, TMODE: tl.constexpr = 1):
         y = tl.clamp(v * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(ptr.dtype.element_ty)
         if ROW_MAJOR:
             tl.store(ptr + r[:, None] * cols + c[None, :], y, mask=mask)
-        if TRANSPOSED:  # [cols, rows] row-major; Triton stages the tile through shared memory
-            tl.store(ptr_t + c[None, :].to(tl.int64) * rows + r[:, None], y, mask=mask)
+        if TRANSPOSED:  # [cols, rows] row-major
+            mask_t = (c[:, None] < cols) & (r[None, :] < rows)
+            offs_t = c[:, None].to(tl.int64) * rows + r[None, :]
+            if TMODE == 0:
+                tl.store(ptr_t + c[None, :].to(tl.int64) * rows + r[:, None], y, mask=mask)
+            elif TMODE == 1:  # transpose the fp32 tile, then cast
+                vt = tl.trans(v)
+                yt = tl.clamp(vt * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+                tl.store(ptr_t + offs_t, yt.to(ptr_t.dtype.element_ty), mask=mask_t)
+            elif TMODE == 2:
+                tl.store(ptr_t + offs_t, tl.trans(y), mask=mask_t)
+            else:  # transpose as 32-bit integers
+                yb = y.to(tl.uint8, bitcast=True).to(tl.int32)
+                tl.store(ptr_t.to(tl.pointer_type(tl.uint8)) + offs_t, tl.trans(yb).to(tl.uint8), mask=mask_t)
 
     @triton.jit
     def _tile_amax(v):
@@ -111,7 +124,7 @@ if triton is not None:
         da_ptr, da_t_ptr, db_ptr, db_t_ptr, g_t_ptr, amax_da_ptr, amax_db_ptr, rows, cols,
         FP8_MAX_G: tl.constexpr, FP8_MAX_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         STORE_ROWS: tl.constexpr, STORE_T: tl.constexpr, G_T: tl.constexpr, AMAX: tl.constexpr,
-        BARRIER: tl.constexpr,
+        BARRIER: tl.constexpr, TMODE: tl.constexpr,
     ):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -127,16 +140,16 @@ if triton is not None:
         db = d * silu
         if STORE_ROWS or STORE_T:
             _store_fp8(da_ptr, da_t_ptr, da, tl.load(scale_da_ptr), r, c, rows, cols, mask, FP8_MAX_D,
-                       STORE_ROWS, STORE_T)
+                       STORE_ROWS, STORE_T, TMODE)
             if BARRIER:
                 tl.debug_barrier()
             _store_fp8(db_ptr, db_t_ptr, db, tl.load(scale_db_ptr), r, c, rows, cols, mask, FP8_MAX_D,
-                       STORE_ROWS, STORE_T)
+                       STORE_ROWS, STORE_T, TMODE)
             if BARRIER:
                 tl.debug_barrier()
         if G_T:
             _store_fp8(g_t_ptr, g_t_ptr, silu * b, tl.load(scale_g_ptr), r, c, rows, cols, mask, FP8_MAX_G,
-                       False, True)
+                       False, True, TMODE)
         if AMAX:
             tile = pid_m * tl.num_programs(1) + pid_n
             tl.store(amax_da_ptr + tile, _tile_amax(da))
@@ -179,7 +192,7 @@ if triton is not None:
             dg, h1, h3, scale_g, scale_dh1, scale_dh3, da, da_t, db, db_t, gt, pa, pb, rows, cols,
             FP8_MAX_G=float(torch.finfo(g_dtype).max), FP8_MAX_D=float(torch.finfo(grad_dtype).max),
             BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, STORE_ROWS=rows_out, STORE_T=transposed, G_T=g_t, AMAX=amax,
-            BARRIER=_BARRIER, num_warps=_WARPS,
+            BARRIER=_BARRIER, TMODE=_TMODE, num_warps=_WARPS,
         )
         return da, da_t, db, db_t, gt, pa, pb
 
