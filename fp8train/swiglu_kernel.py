@@ -10,8 +10,9 @@ element-wise part sits between fp8 GEMMs, so each of its results is cast to fp8 
                                       g transposed (recomputed)        (dW2 = dy.T @ g)
 
 with ``dh1 = dg * h3 * silu'(h1)``, ``dh3 = dg * silu(h1)``, ``silu'(a) = s (1 + a (1 - s))`` and
-``s = sigmoid(a)``. Each pass is one kernel that reads its inputs once in tiles and writes every
-fp8 layout asked for, plus each tile's amax (delayed scaling records the amax of what it casts
+``s = sigmoid(a)``. Each pass is one kernel that reads its inputs once from HBM in tiles and writes
+every fp8 layout asked for (the backward re-reads each tile from L2 for the transposed layouts; see
+the kernel), plus each tile's amax (delayed scaling records the amax of what it casts
 with a stored scale; dynamic scaling runs the same kernel once with ``store=False`` to get the
 amax, then again to cast). Inductor fuses the same math into one kernel but writes the transposed
 1-byte layouts without tiling them (2.7x the HBM roofline on an H200, ``docs/PERF_NOTES.md``
@@ -40,11 +41,9 @@ except ImportError:  # CPU-only installs: the torch reference runs instead
 
 __all__ = ["fits", "swiglu_cast", "swiglu_backward_cast", "swiglu_reference", "swiglu_backward_reference"]
 
-# 64 x 64 tiles: the backward holds three fp32 input tiles and five outputs per program; 64 x 128
-# with 8 warps (the cast kernel's tile) is the alternative (scripts/diag/cast_kernels.py --swiglu)
+# 64 x 128 tiles, 8 warps (H200, [16384 x 8192] bf16, scripts/diag/swiglu_kernels.py: forward 175 us,
+# backward 527 us; 64x64/4 warps 190/555, 128x64/8 192/543, 32x128/4 177/541; inductor 429/818)
 _BLOCK_M, _BLOCK_N, _WARPS = 64, 128, 8
-_BARRIER = True
-_TMODE = 1
 _MAX_GRID_Y = 65535
 
 
@@ -74,25 +73,9 @@ def swiglu_backward_reference(dg: torch.Tensor, h1: torch.Tensor, h3: torch.Tens
 if triton is not None:
 
     @triton.jit
-    def _store_fp8(ptr, ptr_t, v, scale, r, c, rows, cols, mask, FP8_MAX: tl.constexpr,
-                   ROW_MAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, TMODE: tl.constexpr = 1):
-        y = tl.clamp(v * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(ptr.dtype.element_ty)
-        if ROW_MAJOR:
-            tl.store(ptr + r[:, None] * cols + c[None, :], y, mask=mask)
-        if TRANSPOSED:  # [cols, rows] row-major
-            mask_t = (c[:, None] < cols) & (r[None, :] < rows)
-            offs_t = c[:, None].to(tl.int64) * rows + r[None, :]
-            if TMODE == 0:
-                tl.store(ptr_t + c[None, :].to(tl.int64) * rows + r[:, None], y, mask=mask)
-            elif TMODE == 1:  # transpose the fp32 tile, then cast
-                vt = tl.trans(v)
-                yt = tl.clamp(vt * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-                tl.store(ptr_t + offs_t, yt.to(ptr_t.dtype.element_ty), mask=mask_t)
-            elif TMODE == 2:
-                tl.store(ptr_t + offs_t, tl.trans(y), mask=mask_t)
-            else:  # transpose as 32-bit integers
-                yb = y.to(tl.uint8, bitcast=True).to(tl.int32)
-                tl.store(ptr_t.to(tl.pointer_type(tl.uint8)) + offs_t, tl.trans(yb).to(tl.uint8), mask=mask_t)
+    def _store_fp8(ptrs, v, scale, mask, FP8_MAX: tl.constexpr):
+        y = tl.clamp(v * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _tile_amax(v):
@@ -114,9 +97,18 @@ if triton is not None:
         b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = a * tl.sigmoid(a) * b
         if STORE:
-            _store_fp8(y_ptr, y_ptr, g, tl.load(scale_ptr), r, c, rows, cols, mask, FP8_MAX, True, False)
+            _store_fp8(y_ptr + offs, g, tl.load(scale_ptr), mask, FP8_MAX)
         if AMAX:
             tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_n, _tile_amax(g))
+
+    @triton.jit
+    def _swiglu_grads(dg_ptr, a_ptr, b_ptr, offs, mask):
+        d = tl.load(dg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(a)
+        silu = a * s
+        return d * b * s * (1 + a * (1 - s)), d * silu, silu * b
 
     @triton.jit
     def _swiglu_bwd_kernel(
@@ -124,36 +116,36 @@ if triton is not None:
         da_ptr, da_t_ptr, db_ptr, db_t_ptr, g_t_ptr, amax_da_ptr, amax_db_ptr, rows, cols,
         FP8_MAX_G: tl.constexpr, FP8_MAX_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         STORE_ROWS: tl.constexpr, STORE_T: tl.constexpr, G_T: tl.constexpr, AMAX: tl.constexpr,
-        BARRIER: tl.constexpr, TMODE: tl.constexpr,
     ):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (r[:, None] < rows) & (c[None, :] < cols)
-        offs = r[:, None] * cols + c[None, :]
-        d = tl.load(dg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(a)
-        silu = a * s
-        da = d * b * s * (1 + a * (1 - s))
-        db = d * silu
-        if STORE_ROWS or STORE_T:
-            _store_fp8(da_ptr, da_t_ptr, da, tl.load(scale_da_ptr), r, c, rows, cols, mask, FP8_MAX_D,
-                       STORE_ROWS, STORE_T, TMODE)
-            if BARRIER:
-                tl.debug_barrier()
-            _store_fp8(db_ptr, db_t_ptr, db, tl.load(scale_db_ptr), r, c, rows, cols, mask, FP8_MAX_D,
-                       STORE_ROWS, STORE_T, TMODE)
-            if BARRIER:
-                tl.debug_barrier()
-        if G_T:
-            _store_fp8(g_t_ptr, g_t_ptr, silu * b, tl.load(scale_g_ptr), r, c, rows, cols, mask, FP8_MAX_G,
-                       False, True, TMODE)
-        if AMAX:
-            tile = pid_m * tl.num_programs(1) + pid_n
-            tl.store(amax_da_ptr + tile, _tile_amax(da))
-            tl.store(amax_db_ptr + tile, _tile_amax(db))
+        s_da, s_db = tl.load(scale_da_ptr), tl.load(scale_db_ptr)
+        if STORE_ROWS or AMAX:
+            mask = (r[:, None] < rows) & (c[None, :] < cols)
+            da, db, _ = _swiglu_grads(dg_ptr, a_ptr, b_ptr, r[:, None] * cols + c[None, :], mask)
+            if STORE_ROWS:
+                _store_fp8(da_ptr + r[:, None] * cols + c[None, :], da, s_da, mask, FP8_MAX_D)
+                _store_fp8(db_ptr + r[:, None] * cols + c[None, :], db, s_db, mask, FP8_MAX_D)
+            if AMAX:
+                tile = pid_m * tl.num_programs(1) + pid_n
+                tl.store(amax_da_ptr + tile, _tile_amax(da))
+                tl.store(amax_db_ptr + tile, _tile_amax(db))
+        if STORE_T or G_T:
+            # The transposed layouts come from a second read of the tile (an L2 hit: no extra HBM
+            # traffic), indexed [column, row]. Stored from the tile computed above, Triton (as shipped
+            # with torch 2.11, H200) wrote ~25% wrong bytes in the transposed layout whenever the same
+            # tile was also stored row-major at 16-aligned shapes (every 4th column; a barrier, a
+            # transpose in fp32 or int32, or an unvectorised row-major store did not help; two
+            # launches were right but 1.7x slower). scripts/diag/swiglu_kernels.py checks both layouts.
+            mask_t = (c[:, None] < cols) & (r[None, :] < rows)
+            da, db, g = _swiglu_grads(dg_ptr, a_ptr, b_ptr, r[None, :] * cols + c[:, None], mask_t)
+            offs_t = c[:, None].to(tl.int64) * rows + r[None, :]
+            if STORE_T:
+                _store_fp8(da_t_ptr + offs_t, da, s_da, mask_t, FP8_MAX_D)
+                _store_fp8(db_t_ptr + offs_t, db, s_db, mask_t, FP8_MAX_D)
+            if G_T:
+                _store_fp8(g_t_ptr + offs_t, g, tl.load(scale_g_ptr), mask_t, FP8_MAX_G)
 
     def _grid(rows: int, cols: int) -> tuple[int, int]:
         return triton.cdiv(rows, _BLOCK_M), triton.cdiv(cols, _BLOCK_N)
@@ -192,7 +184,7 @@ if triton is not None:
             dg, h1, h3, scale_g, scale_dh1, scale_dh3, da, da_t, db, db_t, gt, pa, pb, rows, cols,
             FP8_MAX_G=float(torch.finfo(g_dtype).max), FP8_MAX_D=float(torch.finfo(grad_dtype).max),
             BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, STORE_ROWS=rows_out, STORE_T=transposed, G_T=g_t, AMAX=amax,
-            BARRIER=_BARRIER, TMODE=_TMODE, num_warps=_WARPS,
+            num_warps=_WARPS,
         )
         return da, da_t, db, db_t, gt, pa, pb
 
