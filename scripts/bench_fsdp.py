@@ -7,7 +7,8 @@
         --warmup 1 --steps 2 --no-compile                                  # CPU smoke test (gloo)
 
 Cases: ``bf16`` (no conversion), a recipe name (``tensorwise``, ``delayed``, ...), or a recipe with
-``+ag`` (``Float8LinearConfig.enable_fsdp_float8_all_gather=True``: weights all-gathered in fp8).
+``+ag`` (``Float8LinearConfig.enable_fsdp_float8_all_gather=True``: weights all-gathered in fp8)
+and/or ``+unfused`` (SwiGLU feed-forwards as three layers, not ``fp8train.Float8SwiGLU``).
 Default: bf16, tensorwise, tensorwise+ag, delayed, delayed+ag.
 
 Each case builds the model on the meta device from the same seed, converts the linears but
@@ -65,11 +66,12 @@ def case_config(name: str, cpu: bool) -> fp8train.Float8LinearConfig | None:
     """
     if name == "bf16":
         return None
-    recipe, _, suffix = name.partition("+")
-    if suffix not in ("", "ag"):
-        raise ValueError(f"case {name!r}: the only suffix is '+ag' (fp8 all-gather); valid: bf16, <recipe>, <recipe>+ag "
-                         f"with recipes {fp8train.recipe_names()}")
-    overrides = {"enable_fsdp_float8_all_gather": suffix == "ag"}
+    recipe, *suffixes = name.split("+")
+    if not set(suffixes) <= {"ag", "unfused"}:
+        raise ValueError(f"case {name!r}: suffixes are '+ag' (fp8 all-gather) and '+unfused' (no Float8SwiGLU); valid: "
+                         f"bf16, <recipe>, <recipe>+ag, <recipe>+unfused, <recipe>+ag+unfused with recipes "
+                         f"{fp8train.recipe_names()}")
+    overrides = {"enable_fsdp_float8_all_gather": "ag" in suffixes}
     if cpu:
         overrides["emulate"] = True
     return fp8train.Float8LinearConfig.from_recipe_name(recipe, **overrides)
@@ -90,7 +92,7 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
         auto = (for_current_device().replace(tokens=args.batch * args.seq, tensor_parallel=args.tp)
                 if args.auto_filter and cuda else False)
         fp8train.convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn != "lm_head",
-                                            auto_filter=auto)
+                                            auto_filter=auto, fuse_swiglu=False if "+unfused" in name else None)
         n_fp8 = len(fp8train.conversion_report(model).converted)
     if args.tp > 1:
         apply_tensor_parallel(model, mesh["tensor_parallel"])
