@@ -171,10 +171,9 @@ def convert_to_float8_training(
                 if (names is not None and fusable_config(config)
                         and all(isinstance(getattr(child, n), Float8Linear) for n in names)):
                     order = tuple(n for n, _ in child.named_children())
-                    if set(order) == set(names):  # nothing else inside the module to keep
-                        gate, up, down = (getattr(child, n) for n in names)
-                        setattr(parent, name, Float8SwiGLU(gate, up, down, names, order))
-                        report.fused_swiglu.append(fqn)
+                    gate, up, down = (getattr(child, n) for n in names)
+                    setattr(parent, name, Float8SwiGLU(gate, up, down, names, order))
+                    report.fused_swiglu.append(fqn)
 
     if isinstance(module, nn.Linear) and not isinstance(module, Float8Linear):
         reason = _skip_reason(module, "", module_filter_fn, cost)

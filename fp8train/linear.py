@@ -338,6 +338,7 @@ class Float8Linear(nn.Linear):
             new = cls(mod.in_features, mod.out_features, bias=False, config=config)
         new.weight = mod.weight
         new.bias = mod.bias
+        new.train(mod.training)
         if new.config.has_delayed:
             register_delayed_buffers(new, new.config, mod.weight.device)
         if new.config.enable_fsdp_float8_all_gather:

@@ -155,8 +155,9 @@ def _swiglu_backward_cast(
             g = swiglu_kernel.swiglu_reference(h1, h3)
             g8 = Fp8Operand(saturated_cast(g.t(), g_scale, g_dtype).contiguous().t(), g_scale)
         return dh1, dh3, g8
-    rec1 = s1.amax_go is not None and p1.record_grad_amax
-    rec3 = s3.amax_go is not None and p3.record_grad_amax
+    # a gradient no GEMM takes is not recorded either: run as layers, that layer's backward never runs
+    rec1 = s1.amax_go is not None and p1.record_grad_amax and (rows or cols1)
+    rec3 = s3.amax_go is not None and p3.record_grad_amax and (rows or cols3)
     delayed = cfg.scaling_type is ScalingType.DELAYED and s1.scale_go is not None and s3.scale_go is not None
     layouts = dict(rows=rows, transposed=cols1 or cols3, g_transposed=g_t)
     if delayed and p1.use_stored_scales and p3.use_stored_scales:
@@ -221,7 +222,7 @@ class _Float8SwiGLUFn(torch.autograd.Function):
         # amax is recorded for both layers
         x8 = _cast(x, p1.config.cast_config_input, INPUT, -1, p1, s1.scale_x, s1.amax_x, cols=need_dw13)
         if s1.amax_x is not None and s3.amax_x is not None and p3.record_amax:
-            s3.amax_x.copy_(s1.amax_x)
+            s3.amax_x.copy_(torch.maximum(s3.amax_x, s1.amax_x))
         w1_8 = _weight_operand(w1, p1, s1.scale_w, s1.amax_w, s1.cache, cols=need_dx)
         w3_8 = _weight_operand(w3, p3, s3.scale_w, s3.amax_w, s3.cache, cols=need_dx)
         w2_8 = _weight_operand(w2, p2, s2.scale_w, s2.amax_w, s2.cache, cols=need_dg)
@@ -359,8 +360,8 @@ class Float8SwiGLU(nn.Module):
             return "a layer runs in high precision (fp8_enabled=False)"
         if any(m.bias is not None for m in layers):
             return "a layer has a bias"
-        if any(m._forward_hooks or m._forward_pre_hooks for m in layers):
-            return "a layer has forward hooks (fp8 statistics measure layers one by one)"
+        if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in layers):
+            return "a layer has module hooks (fp8 statistics measure layers one by one)"
         if any(isinstance(m.weight, DTensor) for m in layers) or isinstance(x, (DTensor, Float8Tensor)):
             return "tensor parallel (DTensor weights or an fp8 input)"
         if not (self.gate.config == self.up.config == self.down.config):
@@ -407,8 +408,10 @@ def register_swiglu(cls: type, gate: str, up: str, down: str) -> None:
     ``nn.Linear`` children named ``gate``, ``up`` and ``down``, so that
     ``convert_to_float8_training(..., fuse_swiglu=...)`` may run them as ``Float8SwiGLU``.
 
-    Conversion checks the claim on each module with a small input (unless its weights are on the
-    meta device) and raises if the module's output differs.
+    Conversion checks the claim on each module with a small input in eval mode (unless its weights
+    are on the meta device) and raises if the module's output differs. A module with parameters,
+    buffers or children of its own besides the three linears, or with module hooks, is left as it is.
+    Declare only classes whose training-mode forward is that formula (no dropout).
 
     Example:
         >>> register_swiglu(LlamaMLP, gate="gate_proj", up="up_proj", down="down_proj")  # doctest: +SKIP
@@ -423,10 +426,15 @@ def register_swiglu(cls: type, gate: str, up: str, down: str) -> None:
 
 
 def swiglu_names(module: nn.Module) -> tuple[str, str, str] | None:
-    """``(gate, up, down)`` names if ``module``'s class is a registered SwiGLU whose three children
-    are linears, else ``None``."""
+    """``(gate, up, down)`` names if ``module`` can be replaced by a ``Float8SwiGLU``: its class is a
+    registered SwiGLU, its children are exactly the three linears, and it holds nothing the
+    replacement would drop (own parameters or buffers, module hooks); else ``None``."""
     names = _SWIGLU_CLASSES.get(type(module))
     if names is None or not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+        return None
+    if {n for n, _ in module.named_children()} != set(names) or module._parameters or module._buffers:
+        return None
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
         return None
     return names
 
@@ -438,15 +446,18 @@ def check_swiglu(module: nn.Module, names: tuple[str, str, str]) -> None:
     w = gate.weight
     if w.is_meta:
         return
-    was_training = module.training
+    modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
         with torch.no_grad():
-            x = torch.randn(4, gate.in_features, device=w.device, dtype=w.dtype)
+            # a generator of its own: the check must not move the global RNG (init, dropout, data order)
+            gen = torch.Generator(device=w.device).manual_seed(0)
+            x = torch.randn(4, gate.in_features, device=w.device, generator=gen).to(w.dtype)
             got = module(x)
             want = down(F.silu(gate(x)) * up(x))
     finally:
-        module.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     err = (got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)
     if not torch.isfinite(err) or err > 1e-2:
         raise ValueError(

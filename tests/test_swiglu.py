@@ -410,3 +410,58 @@ def test_kernels_under_the_triton_interpreter():
                          env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ok" in out.stdout
+
+
+def test_conversion_check_leaves_rng_and_train_flags_alone():
+    """The conversion-time check runs the module once: the global RNG and each child's train flag
+    are as before (a drawn init or dropout mask must not depend on fuse_swiglu)."""
+    draws = []
+    for fuse in (True, False):
+        model = nn.Sequential(_ffn())
+        model[0].w2.eval()
+        torch.manual_seed(7)
+        fp8train.convert_to_float8_training(model, fuse_swiglu=fuse)
+        draws.append(torch.randn(3))
+        assert model[0].training and model[0].w1.training and not model[0].w2.training
+    assert torch.equal(draws[0], draws[1])
+
+
+class _MLPWithState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(64, 128, bias=False), nn.Linear(128, 64, bias=False), \
+            nn.Linear(64, 128, bias=False)
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x)) * self.gain
+
+
+def test_modules_holding_more_than_the_three_layers_are_not_replaced():
+    fp8train.register_swiglu(_MLPWithState, gate="w1", up="w3", down="w2")
+    model = nn.Sequential(_MLPWithState())
+    keys = set(model.state_dict())
+    fp8train.convert_to_float8_training(model, fuse_swiglu=True)
+    assert type(model[0]) is _MLPWithState and set(model.state_dict()) == keys
+    hooked = nn.Sequential(_ffn())
+    calls = []
+    hooked[0].register_forward_hook(lambda *a: calls.append(1))
+    fp8train.convert_to_float8_training(hooked, fuse_swiglu=True)
+    assert type(hooked[0]) is FeedForward and calls == []  # not replaced, and its hook not run by a check
+
+
+def test_backward_hooks_on_a_layer_take_the_unfused_path():
+    _, fused = _pair("tensorwise")
+    fused.w2.register_full_backward_hook(lambda *a: None)
+    assert "hooks" in fused.unfused_reason(torch.randn(2, 64))
+
+
+def test_a_gradient_nobody_needs_records_no_amax():
+    """Frozen gate weight and an input without gradient: run as layers the gate's backward never
+    runs, so its grad_output amax stays untouched; fused, the same."""
+    plain, fused = _pair("delayed")
+    for m in (plain, fused):
+        m.w1.weight.requires_grad_(False)
+        m(torch.randn(16, 64)).sum().backward()
+    assert float(plain.w1.fp8_amax_grad_output) == 0.0 == float(fused.w1.fp8_amax_grad_output)
+    assert float(fused.w3.fp8_amax_grad_output) > 0
