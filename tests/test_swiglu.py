@@ -203,7 +203,7 @@ def test_swap_on_the_built_in_llama_keeps_names_and_checkpoints():
 def test_default_fuses_only_where_fp8_runs_for_speed():
     for kwargs in ({}, {"config": Float8LinearConfig(emulate=True)}):
         model = nn.Sequential(_ffn())
-        fp8train.convert_to_float8_training(model, **kwargs)
+        fp8train.convert_to_float8_training(model, auto_filter=False, **kwargs)  # (CUDA: too small to pay)
         expect = torch.cuda.is_available() and not kwargs
         assert isinstance(model[0], Float8SwiGLU) == expect
 
