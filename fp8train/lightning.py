@@ -96,7 +96,7 @@ from fp8train.convert import ConversionReport, conversion_report, convert_to_flo
 from fp8train.delayed import delayed_scales_pending, sync_float8_amax_and_scale_history
 from fp8train.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from fp8train.linear import Float8Linear, set_weight_cast_cache
-from fp8train.swiglu import fusable_config
+from fp8train.swiglu import Float8SwiGLU, fusable_config
 from fp8train.diagnostics import wasted_bits
 from fp8train.metrics import ROLES, Float8Stats, OperandProbe, local_shard, mx_payload, operand_cast_config
 from fp8train.mx_ops import mx_runs_native
@@ -401,7 +401,9 @@ class Float8Training(Callback):
                                for m in self._layers)
         linears = {n for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)}
         skipped = {n: r for n, r in self._skipped.items() if n in linears and n not in self._names}
-        self._report = ConversionReport(converted=list(self._names), skipped=skipped, config=self.config)
+        fused = [n for n, m in pl_module.named_modules() if isinstance(m, Float8SwiGLU)]
+        self._report = ConversionReport(converted=list(self._names), skipped=skipped, config=self.config,
+                                        fused_swiglu=fused)
 
     # --- instance hook wrappers ----------------------------------------------------------------------
     def _patch(self, module: nn.Module, name: str, after: Callable[..., None]) -> None:

@@ -308,6 +308,8 @@ def test_lightning_callback_fuses_and_trains(tmp_path):
     trainer.fit(module, data)
     ffn = module.model.layers[0].feed_forward
     assert isinstance(ffn, Float8SwiGLU)
+    assert cb._report.fused_swiglu == [f"model.layers.{i}.feed_forward" for i in range(cfg.n_layers)]
+    assert f"{cfg.n_layers} SwiGLU feed-forwards fused" in cb._report.table()
     assert bool(ffn.w1.is_amax_initialized) and float(ffn.w2.fp8_amax_history_input.abs().sum()) > 0
 
 
