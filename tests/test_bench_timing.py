@@ -41,3 +41,22 @@ def test_run_metadata_names_the_code_by_a_source_hash():
     assert a["model"] == "x" and {"device", "torch", "date", "commit"} <= a.keys()
     sha = a["fp8train_sha256"]
     assert len(sha) == 12 and int(sha, 16) >= 0 and sha == b["fp8train_sha256"]  # stable for the same sources
+
+
+def test_after_warmup_runs_between_warm_up_and_timed_steps():
+    order = []
+    time_steps(lambda: (order.append("step"), torch.zeros(()))[1], warmup=2, steps=2,
+               after_warmup=lambda: order.append("reset"))
+    assert order == ["step", "step", "reset", "step", "step"]
+
+
+def test_bench_fsdp_cases_parse_their_suffixes():
+    import pytest
+
+    from bench_fsdp import case_config
+
+    assert case_config("bf16", cpu=True) is None
+    assert case_config("delayed+ag+unfused", cpu=True).enable_fsdp_float8_all_gather
+    assert not case_config("tensorwise+unfused", cpu=True).enable_fsdp_float8_all_gather
+    with pytest.raises(ValueError, match=r"suffixes are '\+ag' .* and '\+unfused'"):
+        case_config("tensorwise+fast", cpu=True)
