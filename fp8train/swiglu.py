@@ -411,7 +411,11 @@ def register_swiglu(cls: type, gate: str, up: str, down: str) -> None:
     Conversion checks the claim on each module with a small input in eval mode (unless its weights
     are on the meta device) and raises if the module's output differs. A module with parameters,
     buffers or children of its own besides the three linears, or with module hooks, is left as it is.
-    Declare only classes whose training-mode forward is that formula (no dropout).
+    Declare only classes whose training-mode forward is that formula (no dropout). The module is
+    replaced by a ``Float8SwiGLU`` holding the same three layers under the same names: code that
+    checks ``isinstance(m, cls)`` no longer finds it, and global module hooks
+    (``torch.nn.modules.module.register_module_forward_hook``) see the three layers only when the
+    module runs them one by one.
 
     Example:
         >>> register_swiglu(LlamaMLP, gate="gate_proj", up="up_proj", down="down_proj")  # doctest: +SKIP
