@@ -363,7 +363,7 @@ class Float8SwiGLU(nn.Module):
         if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in layers):
             return "a layer has module hooks (fp8 statistics measure layers one by one)"
         if any(isinstance(m.weight, DTensor) for m in layers) or isinstance(x, (DTensor, Float8Tensor)):
-            return "tensor parallel (DTensor weights or an fp8 input)"
+            return "DTensor weights or an fp8 input (tensor parallel; or FSDP2 outside its forward, while sharded)"
         if not (self.gate.config == self.up.config == self.down.config):
             return "the three layers' configs differ"
         if not fusable_config(self.gate.config):
