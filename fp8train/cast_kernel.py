@@ -38,7 +38,7 @@ try:
 except ImportError:  # CPU-only installs: casts take the torch path
     triton = None
 
-__all__ = ["supports", "fits", "cast_transpose"]
+__all__ = ["supports", "fits", "cast_transpose", "cast_with_stored_scale"]
 
 # a tile per program: 64 x 128 bf16 = 16 KiB read, enough in flight per SM to keep HBM busy
 # (chosen by scripts/diag/cast_kernels.py on an H200: PERF_NOTES entry 15)
@@ -72,9 +72,10 @@ if triton is not None:
 
     @triton.jit
     def _cast_transpose_kernel(
-        x_ptr, scale_ptr, y_ptr, yt_ptr, amax_ptr, rows, cols, stride_r, stride_c,
+        x_ptr, scale_ptr, y_ptr, yt_ptr, amax_ptr, scale_out_ptr, rows, cols, stride_r, stride_c,
         FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ROW_MAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, AMAX: tl.constexpr,
+        AMAX_ATOMIC: tl.constexpr = False, SCALE_OUT: tl.constexpr = False,
     ):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -90,7 +91,13 @@ if triton is not None:
         if AMAX:
             a = tl.abs(x)
             a = tl.where(a == a, a, float("inf"))  # NaN -> inf: the reduction below would drop it
-            tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_n, tl.max(tl.max(a, axis=1), axis=0))
+            tile_amax = tl.max(tl.max(a, axis=1), axis=0)
+            if AMAX_ATOMIC:  # straight into a running-max buffer: no second launch to reduce tiles
+                tl.atomic_max(amax_ptr, tile_amax)
+            else:
+                tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_n, tile_amax)
+        if SCALE_OUT:  # a copy of the scale used, taken in the same launch
+            tl.store(scale_out_ptr, scale, mask=(pid_m == 0) & (pid_n == 0))
 
     @torch.library.triton_op("fp8train::cast_transpose", mutates_args=())
     def _cast_transpose_op(
@@ -108,7 +115,7 @@ if triton is not None:
         yt = torch.empty((cols, rows) if write_t else (0,), dtype=fp8_dtype, device=x.device)
         partial = torch.empty(grid[0] * grid[1] if amax else 0, dtype=torch.float32, device=x.device)
         torch.library.wrap_triton(_cast_transpose_kernel)[grid](
-            x, scale, y if write_rows else yt, yt if write_t else y, partial, rows, cols, x.stride(0), x.stride(1),
+            x, scale, y if write_rows else yt, yt if write_t else y, partial, scale, rows, cols, x.stride(0), x.stride(1),
             FP8_MAX=float(torch.finfo(fp8_dtype).max), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
             ROW_MAJOR=write_rows, TRANSPOSED=write_t, AMAX=amax, num_warps=_WARPS,
         )
@@ -148,3 +155,46 @@ def cast_transpose(
         raise ValueError("cast_transpose: row_major=False and transposed=False ask for nothing")
     y, yt, partial = _cast_transpose_op(x, scale.to(torch.float32).reshape(()), dtype, row_major, transposed, amax)
     return y if row_major else None, yt if transposed else None, partial.amax() if amax else None
+
+
+def cast_with_stored_scale(
+    x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``saturated_cast(x, scale, dtype)`` row-major, for a cast outside compiled code with a stored
+    (delayed-scaling) scale, in one kernel launch: the kernel also copies ``scale`` (the caller's
+    buffer may be rewritten in place before the result is used) and, when ``amax`` is given, folds
+    max(|x|) into it in place (``amax = max(amax, max|x|)``, atomically; inf where ``x`` has a NaN).
+    The torch ops for the same would take five launches (copy, cast, tile reduction, maximum,
+    copy back): host time on FSDP2's all-gather path (``docs/PERF_NOTES.md``, entry 22).
+
+    Args:
+        x: ``[rows, cols]`` tensor the kernel takes (``fits(x, dtype)``).
+        scale: 0-dim fp32 tensor on ``x``'s device.
+        dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        amax: 0-dim fp32 running-max buffer on ``x``'s device, or None.
+
+    Returns:
+        ``(y, scale_copy)``: ``y`` ``[rows, cols]`` fp8, ``scale_copy`` 0-dim fp32.
+
+    Raises:
+        ValueError: ``x``/``dtype``/``scale``/``amax`` the kernel does not take.
+    """
+    if not fits(x, dtype):
+        raise ValueError(f"cast_with_stored_scale: x {tuple(x.shape)} {x.dtype} on {x.device} -> {dtype} does not fit "
+                         "the kernel (check fits() first)")
+    for name, t in (("scale", scale), ("amax", amax)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != x.device):
+            raise ValueError(f"cast_with_stored_scale: {name} must be a one-element fp32 tensor on {x.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    rows, cols = x.shape
+    y = torch.empty((rows, cols), dtype=dtype, device=x.device)
+    scale_out = torch.empty((), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(cols, _BLOCK_N))
+    # launched directly, not through the triton_op: this runs in eager code, where the op's
+    # dispatch would add host time to every call
+    _cast_transpose_kernel[grid](
+        x, scale, y, y, scale_out if amax is None else amax, scale_out, rows, cols, x.stride(0), x.stride(1),
+        FP8_MAX=float(torch.finfo(dtype).max), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+        ROW_MAJOR=True, TRANSPOSED=False, AMAX=amax is not None, AMAX_ATOMIC=True, SCALE_OUT=True, num_warps=_WARPS,
+    )
+    return y, scale_out

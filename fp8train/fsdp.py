@@ -168,8 +168,9 @@ class Float8AllGatherWeight(torch.Tensor):
         cast = config.cast_config_weight
         scale = _weight_scale(self, mesh, module)
         record = cast.scaling_type is ScalingType.DELAYED and module.training
-        data = _cast_shard(self._tensor, scale, cast.target_dtype, module.fp8_amax_weight if record else None,
-                           config.cast_kernel).view(torch.uint8)
+        data, scale = _cast_shard(self._tensor, scale, cast.target_dtype, module.fp8_amax_weight if record else None,
+                                  config.cast_kernel, stored=scale is getattr(module, "fp8_scale_weight", None))
+        data = data.view(torch.uint8)
         rows = -(-outer_size[0] // mesh.size())  # FSDP2 pads every shard to the first one's rows
         if data.shape[0] < rows:
             data = F.pad(data, (0, 0, 0, rows - data.shape[0]))
@@ -264,7 +265,7 @@ def _weight_scale(weight: Float8AllGatherWeight, mesh: Any, module: nn.Module) -
     shard = weight._tensor
     if cast.scaling_type is ScalingType.DELAYED:
         if module.is_amax_initialized:
-            return module.fp8_scale_weight.clone()  # the sync rewrites the buffer in place
+            return module.fp8_scale_weight  # _cast_shard copies it: the sync rewrites the buffer in place
     elif weight._precomputed_scale is not None and weight._precomputed_at == (_STEPS.count, weight._version):
         return weight._precomputed_scale
     amax = tensor_amax(shard) if shard.numel() else torch.zeros((), device=shard.device)
@@ -274,21 +275,25 @@ def _weight_scale(weight: Float8AllGatherWeight, mesh: Any, module: nn.Module) -
 
 @torch.no_grad()
 def _cast_shard(
-    shard: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor | None, kernel: str
-) -> torch.Tensor:
-    """``saturated_cast(shard, scale, dtype)``, recording the shard's amax into ``amax`` (delayed
-    scaling) when given. FSDP2 runs this outside compiled code, where torch ops would take four
-    passes through fp32 temporaries plus one for the amax; the Triton kernel (``cast_kernel``
-    ``"auto"``/``"triton"`` where it runs) reads the shard once for both, with the same bytes."""
+    shard: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor | None, kernel: str,
+    stored: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(saturated_cast(shard, scale, dtype), scale used)``, recording the shard's amax into
+    ``amax`` (delayed scaling) when given. ``stored``: ``scale`` is the layer's scale buffer, which
+    the delayed-scaling sync rewrites in place, so a copy is returned.
+
+    FSDP2 runs this outside compiled code, on its all-gather path, where torch ops would take four
+    passes through fp32 temporaries plus launches for the amax and the copy; the Triton kernel
+    (``cast_kernel`` ``"auto"``/``"triton"`` where it runs) does it in one launch and one read of the
+    shard, with the same bytes."""
     if kernel != "torch" and shard.numel() and cast_kernel.fits(shard, dtype):
-        data, _, seen = cast_kernel.cast_transpose(shard, scale, dtype, row_major=True, transposed=False,
-                                                   amax=amax is not None)
-        if amax is not None:
-            amax.copy_(torch.maximum(amax, seen))
-        return data
+        if stored or amax is not None:
+            return cast_kernel.cast_with_stored_scale(shard, scale, dtype, amax)
+        data, _, _ = cast_kernel.cast_transpose(shard, scale, dtype, row_major=True, transposed=False)
+        return data, scale
     if amax is not None:
         record_amax(amax, shard)
-    return saturated_cast(shard, scale, dtype)
+    return saturated_cast(shard, scale, dtype), scale.clone() if stored else scale
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -206,6 +206,34 @@ def test_kernel_equals_the_torch_cast_bit_for_bit(dtype, src, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [E4, E5])
+@pytest.mark.parametrize("shape", [(1024, 2048), (1000, 300), (1, 17)])
+def test_cast_with_stored_scale_in_one_launch(dtype, shape):
+    """FSDP2's delayed shard cast: bytes of saturated_cast, the scale copied (a later in-place
+    rewrite of the buffer does not reach it), the amax folded into the running max in place."""
+    _needs_kernel()
+    torch.manual_seed(0)
+    x = (torch.randn(shape, device="cuda") * 3).to(torch.bfloat16)
+    scale = torch.tensor(20.0, device="cuda")
+    for start in (0.0, 1e3):  # below the shard's amax: raised to it; above: kept
+        amax = torch.tensor(start, device="cuda")
+        y, scale_copy = cast_kernel.cast_with_stored_scale(x, scale, dtype, amax)
+        assert torch.equal(_bits(y), _bits(saturated_cast(x, scale, dtype))) and y.is_contiguous()
+        assert amax.item() == max(start, x.float().abs().max().item())
+        scale.fill_(7.0)
+        assert scale_copy.item() == 20.0
+        scale.fill_(20.0)
+    y, _ = cast_kernel.cast_with_stored_scale(x.t(), scale, dtype)  # strided, no amax
+    assert torch.equal(_bits(y), _bits(saturated_cast(x.t(), scale, dtype)))
+    x[0, 0] = float("nan")
+    amax = torch.zeros((), device="cuda")
+    cast_kernel.cast_with_stored_scale(x, scale, dtype, amax)
+    assert amax.item() == float("inf")
+    with pytest.raises(ValueError, match="amax must be a one-element fp32"):
+        cast_kernel.cast_with_stored_scale(x, scale, dtype, torch.zeros(2, device="cuda"))
+
+
+@pytest.mark.gpu
 def test_kernel_marks_nan_as_an_infinite_amax():
     _needs_kernel()
     x = torch.ones(256, 256, device="cuda", dtype=torch.bfloat16)
@@ -305,6 +333,13 @@ def test_fsdp_shard_cast_plumbing_on_cpu(recipe, monkeypatch):
         calls.append(args[3:])
         return _torch_op(*args)
 
+    def stored(x, scale, dtype, amax=None):  # cast_with_stored_scale's contract in torch ops
+        calls.append(("stored", amax is not None))
+        if amax is not None:
+            a = x.float().abs().amax()
+            amax.copy_(torch.maximum(amax, torch.where(torch.isnan(a), float("inf"), a)))
+        return saturated_cast(x, scale, dtype), scale.clone()
+
     class Mesh:  # one rank: the stored or precomputed scale needs no collective
         def size(self) -> int:
             return 1
@@ -324,14 +359,20 @@ def test_fsdp_shard_cast_plumbing_on_cpu(recipe, monkeypatch):
         else:
             w._precomputed_scale, w._precomputed_at = torch.tensor(32.0), (_STEPS.count, w._version)
         (data,), (scale, dtype, _) = w.fsdp_pre_all_gather(Mesh(), w.shape, w.stride(), lin, None)
+        if recipe == "delayed":  # the metadata's scale is a copy: the sync rewrites the buffer in place
+            assert scale is not lin.fp8_scale_weight and scale.data_ptr() != lin.fp8_scale_weight.data_ptr()
+            lin.fp8_scale_weight.fill_(1.0)
         return data, scale, getattr(lin, "fp8_amax_weight", None)
 
     ref = gather("torch")
     monkeypatch.setattr(cast_kernel, "_cast_transpose_op", op, raising=False)
+    monkeypatch.setattr(cast_kernel, "cast_with_stored_scale", stored)
     monkeypatch.setattr(cast_kernel, "fits", lambda x, dtype: x.dim() == 2)
     got = gather("auto")
-    assert calls == [(True, False, recipe == "delayed")]  # row-major only; amax asked for with delayed
+    # row-major only; delayed: one launch that also records the amax and copies the stored scale
+    assert calls == [("stored", True)] if recipe == "delayed" else [(True, False, False)]
     assert torch.equal(got[0], ref[0]) and got[0].dtype == torch.uint8 and torch.equal(got[1], ref[1])
+    assert got[1].item() == 32.0
     if recipe == "delayed":
         assert got[2] > 0 and torch.equal(got[2], ref[2])
     gather("torch")

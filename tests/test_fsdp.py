@@ -207,7 +207,7 @@ def test_backward_all_gather_reuses_the_forward_cast(monkeypatch):
 
     casts = []
     real_cast = fsdp._cast_shard
-    monkeypatch.setattr(fsdp, "_cast_shard", lambda *a: casts.append(1) or real_cast(*a))
+    monkeypatch.setattr(fsdp, "_cast_shard", lambda *a, **k: casts.append(1) or real_cast(*a, **k))
     cfg = Float8LinearConfig.from_recipe_name("delayed", enable_fsdp_float8_all_gather=True)
     lin = Float8Linear(32, 32, bias=False, config=cfg)
     lin.is_amax_initialized = True  # stored scale: no collective

@@ -57,4 +57,17 @@ for dtype, src in [(torch.float8_e4m3fn, torch.bfloat16), (torch.float8_e5m2, to
                 assert torch.equal(yt.view(torch.uint8), want.t()), (dtype, src, rows_, cols_)
             assert partial.amax().item() == float("inf")
     print("exact", dtype, src)
+
+# cast_with_stored_scale: one launch casting row-major, copying the scale, folding the amax atomically
+cast_kernel.fits = cast_kernel._fits_shape  # CPU tensors under the interpreter
+x = (torch.randn(130, 260) * 3).to(torch.bfloat16)
+scale, amax = torch.tensor(16.0), torch.tensor(0.5)
+y, scale_copy = cast_kernel.cast_with_stored_scale(x, scale, torch.float8_e4m3fn, amax)
+assert amax.item() == x.float().abs().max().item() and scale_copy.item() == 16.0 and scale_copy is not scale
+ref = saturated_cast(x, scale, torch.float8_e4m3fn)
+assert ((y.float() - ref.float()).abs() <= ref.float().abs() / 2 + 2.0**-9).all()
+big = torch.tensor(1e4)
+cast_kernel.cast_with_stored_scale(x, scale, torch.float8_e4m3fn, big)
+assert big.item() == 1e4
+print("stored scale")
 print("ok")
