@@ -28,6 +28,8 @@ capability 8.9+, where Triton has fp8 conversions).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fp8train import optim_kernel
@@ -99,9 +101,9 @@ if triton is not None:
         if SCALE_OUT:  # a copy of the scale used, taken in the same launch
             tl.store(scale_out_ptr, scale, mask=(pid_m == 0) & (pid_n == 0))
 
-    @torch.library.triton_op("fp8train::cast_transpose", mutates_args=())
-    def _cast_transpose_op(
-        x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, row_major: bool, transposed: bool, amax: bool
+    def _cast_transpose_impl(
+        launch: Any, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, row_major: bool, transposed: bool,
+        amax: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, cols = x.shape
         # Triton as shipped with torch 2.11 wrote wrong bytes (~25% of them, H200) in the transposed
@@ -114,7 +116,7 @@ if triton is not None:
         y = torch.empty((rows, cols) if write_rows else (0,), dtype=fp8_dtype, device=x.device)
         yt = torch.empty((cols, rows) if write_t else (0,), dtype=fp8_dtype, device=x.device)
         partial = torch.empty(grid[0] * grid[1] if amax else 0, dtype=torch.float32, device=x.device)
-        torch.library.wrap_triton(_cast_transpose_kernel)[grid](
+        launch(_cast_transpose_kernel)[grid](
             x, scale, y if write_rows else yt, yt if write_t else y, partial, scale, rows, cols, x.stride(0), x.stride(1),
             FP8_MAX=float(torch.finfo(fp8_dtype).max), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
             ROW_MAJOR=write_rows, TRANSPOSED=write_t, AMAX=amax, num_warps=_WARPS,
@@ -122,6 +124,24 @@ if triton is not None:
         if copy_t:  # clone, not contiguous(): an op's outputs must not alias (y.t() of one row is contiguous)
             yt = y.t().clone(memory_format=torch.contiguous_format)
         return y, yt, partial
+
+    @torch.library.triton_op("fp8train::cast_transpose", mutates_args=())
+    def _cast_transpose_op(
+        x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, row_major: bool, transposed: bool, amax: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel as an op ``torch.compile`` keeps in its graph."""
+        return _cast_transpose_impl(torch.library.wrap_triton, x, scale, fp8_dtype, row_major, transposed, amax)
+
+    def _cast_transpose_eager(
+        x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, row_major: bool, transposed: bool, amax: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same, launched directly: outside compiled code the op's dispatch and ``wrap_triton``'s
+        eager path add host time to every call (PERF_NOTES entry 22)."""
+        return _cast_transpose_impl(_direct, x, scale, fp8_dtype, row_major, transposed, amax)
+
+
+def _direct(kernel: Any) -> Any:
+    return kernel
 
 
 def cast_transpose(
@@ -153,7 +173,8 @@ def cast_transpose(
         )
     if not (row_major or transposed):
         raise ValueError("cast_transpose: row_major=False and transposed=False ask for nothing")
-    y, yt, partial = _cast_transpose_op(x, scale.to(torch.float32).reshape(()), dtype, row_major, transposed, amax)
+    run = _cast_transpose_op if torch.compiler.is_compiling() else _cast_transpose_eager
+    y, yt, partial = run(x, scale.to(torch.float32).reshape(()), dtype, row_major, transposed, amax)
     return y if row_major else None, yt if transposed else None, partial.amax() if amax else None
 
 

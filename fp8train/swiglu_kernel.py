@@ -28,6 +28,8 @@ casts to NaN and makes its tile's amax infinite.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -153,25 +155,24 @@ if triton is not None:
     def _empty(shape: tuple[int, ...], want: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(shape if want else (0,), dtype=dtype, device=device)
 
-    @torch.library.triton_op("fp8train::swiglu_cast", mutates_args=())
-    def _swiglu_fwd_op(
-        h1: torch.Tensor, h3: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, store: bool, amax: bool
+    def _swiglu_fwd_impl(
+        launch: Any, h1: torch.Tensor, h3: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, store: bool,
+        amax: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = h1.shape
         grid = _grid(rows, cols)
         y = _empty((rows, cols), store, fp8_dtype, h1.device)
         partial = _empty((grid[0] * grid[1],), amax, torch.float32, h1.device)
-        torch.library.wrap_triton(_swiglu_fwd_kernel)[grid](
+        launch(_swiglu_fwd_kernel)[grid](
             h1, h3, scale, y, partial, rows, cols, FP8_MAX=float(torch.finfo(fp8_dtype).max),
             BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, STORE=store, AMAX=amax, num_warps=_WARPS,
         )
         return y, partial
 
-    @torch.library.triton_op("fp8train::swiglu_backward_cast", mutates_args=())
-    def _swiglu_bwd_op(
-        dg: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor, scale_g: torch.Tensor, scale_dh1: torch.Tensor,
-        scale_dh3: torch.Tensor, g_dtype: torch.dtype, grad_dtype: torch.dtype, rows_out: bool, transposed: bool,
-        g_t: bool, amax: bool,
+    def _swiglu_bwd_impl(
+        launch: Any, dg: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor, scale_g: torch.Tensor,
+        scale_dh1: torch.Tensor, scale_dh3: torch.Tensor, g_dtype: torch.dtype, grad_dtype: torch.dtype,
+        rows_out: bool, transposed: bool, g_t: bool, amax: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, cols = h1.shape
         grid = _grid(rows, cols)
@@ -180,13 +181,46 @@ if triton is not None:
         da_t, db_t = (_empty((cols, rows), transposed, grad_dtype, dev) for _ in range(2))
         gt = _empty((cols, rows), g_t, g_dtype, dev)
         pa, pb = (_empty((grid[0] * grid[1],), amax, torch.float32, dev) for _ in range(2))
-        torch.library.wrap_triton(_swiglu_bwd_kernel)[grid](
+        launch(_swiglu_bwd_kernel)[grid](
             dg, h1, h3, scale_g, scale_dh1, scale_dh3, da, da_t, db, db_t, gt, pa, pb, rows, cols,
             FP8_MAX_G=float(torch.finfo(g_dtype).max), FP8_MAX_D=float(torch.finfo(grad_dtype).max),
             BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, STORE_ROWS=rows_out, STORE_T=transposed, G_T=g_t, AMAX=amax,
             num_warps=_WARPS,
         )
         return da, da_t, db, db_t, gt, pa, pb
+
+    # Each kernel as an op ``torch.compile`` keeps in its graph, and launched directly for eager code
+    # (where the op's dispatch and ``wrap_triton``'s eager path add host time: PERF_NOTES entry 22).
+    @torch.library.triton_op("fp8train::swiglu_cast", mutates_args=())
+    def _swiglu_fwd_op(
+        h1: torch.Tensor, h3: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, store: bool, amax: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _swiglu_fwd_impl(torch.library.wrap_triton, h1, h3, scale, fp8_dtype, store, amax)
+
+    @torch.library.triton_op("fp8train::swiglu_backward_cast", mutates_args=())
+    def _swiglu_bwd_op(
+        dg: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor, scale_g: torch.Tensor, scale_dh1: torch.Tensor,
+        scale_dh3: torch.Tensor, g_dtype: torch.dtype, grad_dtype: torch.dtype, rows_out: bool, transposed: bool,
+        g_t: bool, amax: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _swiglu_bwd_impl(torch.library.wrap_triton, dg, h1, h3, scale_g, scale_dh1, scale_dh3, g_dtype,
+                                grad_dtype, rows_out, transposed, g_t, amax)
+
+
+def _direct(kernel: Any) -> Any:
+    return kernel
+
+
+def _fwd(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        return _swiglu_fwd_op(*args)
+    return _swiglu_fwd_impl(_direct, *args)
+
+
+def _bwd(*args: Any) -> tuple[torch.Tensor, ...]:
+    if torch.compiler.is_compiling():
+        return _swiglu_bwd_op(*args)
+    return _swiglu_bwd_impl(_direct, *args)
 
 
 def _check(*tensors: torch.Tensor) -> None:
@@ -219,7 +253,7 @@ def swiglu_cast(
         ``(g8 [M, F] or None, amax or None)``.
     """
     _check(h1, h3)
-    y, partial = _swiglu_fwd_op(h1, h3, _f32(scale), dtype, store, amax)
+    y, partial = _fwd(h1, h3, _f32(scale), dtype, store, amax)
     return (y if store else None), (partial.amax() if amax else None)
 
 
@@ -243,7 +277,7 @@ def swiglu_backward_cast(
         ``(dh1, dh1_t, dh3, dh3_t, g_t, amax_dh1, amax_dh3)``, ``None`` for what was not asked for.
     """
     _check(dg, h1, h3)
-    da, da_t, db, db_t, gt, pa, pb = _swiglu_bwd_op(
+    da, da_t, db, db_t, gt, pa, pb = _bwd(
         dg, h1, h3, _f32(scale_g), _f32(scale_dh1), _f32(scale_dh3), g_dtype, grad_dtype, rows, transposed,
         g_transposed, amax,
     )

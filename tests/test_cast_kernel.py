@@ -110,6 +110,7 @@ def test_kernel_path_plumbing_on_cpu(config, scenario, monkeypatch):
         return _torch_op(*args)
 
     monkeypatch.setattr(cast_kernel, "_cast_transpose_op", op, raising=False)
+    monkeypatch.setattr(cast_kernel, "_cast_transpose_eager", op, raising=False)
     monkeypatch.setattr(cast_kernel, "fits", lambda x, dtype: x.dim() == 2)
     seen = []
     real = fp8train.linear.scaled_mm_operands
@@ -366,6 +367,7 @@ def test_fsdp_shard_cast_plumbing_on_cpu(recipe, monkeypatch):
 
     ref = gather("torch")
     monkeypatch.setattr(cast_kernel, "_cast_transpose_op", op, raising=False)
+    monkeypatch.setattr(cast_kernel, "_cast_transpose_eager", op, raising=False)
     monkeypatch.setattr(cast_kernel, "cast_with_stored_scale", stored)
     monkeypatch.setattr(cast_kernel, "fits", lambda x, dtype: x.dim() == 2)
     got = gather("auto")

@@ -6,10 +6,11 @@ cast (five launches before PERF_NOTES entry 22, one after) explains ``delayed+ag
 
     python scripts/diag/pre_all_gather_host.py [--rows 1024] [--cols 2048] [--calls 2000]
 
-Cases: ``tensorwise`` (precomputed scale: the cast kernel alone), ``delayed`` (stored scale, amax
-recorded: ``cast_kernel.cast_with_stored_scale``), ``delayed_5_launches`` (the same work as the
-former code did it: scale copy, cast with tile amaxes, tile reduction, maximum, copy back) and
-``delayed_torch`` (``cast_kernel="torch"``). Prints a table: us per call (host), and the bytes of
+Cases: ``tensorwise`` (precomputed scale: the cast kernel alone, launched directly), ``delayed``
+(stored scale, amax recorded: ``cast_kernel.cast_with_stored_scale``), ``delayed_5_launches``
+(the same work as the former code did it: scale copy, cast with tile amaxes, tile reduction,
+maximum, copy back) and ``delayed_torch`` (``cast_kernel="torch"``); an ``_op`` suffix launches
+the cast kernel through its ``torch.library`` op, as eager code did before entry 22. Prints a table: us per call (host), and the bytes of
 the casts compared against ``delayed``'s.
 """
 
@@ -63,15 +64,20 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=2000)
     args = p.parse_args()
     mesh = _OneRank()
+    eager = cast_kernel._cast_transpose_eager
     cases = {
         "tensorwise": ("tensorwise", "auto", None),
+        "tensorwise_op": ("tensorwise", "auto", None),
         "delayed": ("delayed", "auto", None),
         "delayed_5_launches": ("delayed", "auto", _five_launches),
+        "delayed_5_launches_op": ("delayed", "auto", _five_launches),
         "delayed_torch": ("delayed", "torch", None),
     }
     bytes_of = {}
     rows = []
     for name, (recipe, kernel, fn) in cases.items():
+        # _op: the kernel launched through its torch.library op, as before PERF_NOTES entry 22 in eager code
+        cast_kernel._cast_transpose_eager = cast_kernel._cast_transpose_op if name.endswith("_op") else eager
         lin = _layer(recipe, args.rows, args.cols, kernel)
         w = lin.weight
 

@@ -58,6 +58,15 @@ for dtype, src in [(torch.float8_e4m3fn, torch.bfloat16), (torch.float8_e5m2, to
             assert partial.amax().item() == float("inf")
     print("exact", dtype, src)
 
+# eager code launches the kernel directly (not through the op): the same bytes
+x = (torch.randn(70, 200) * 3).to(torch.bfloat16)
+for args in ((True, True, True), (True, False, False), (False, True, True)):
+    a = cast_kernel._cast_transpose_op(x, torch.tensor(8.0), torch.float8_e4m3fn, *args)
+    b = cast_kernel._cast_transpose_eager(x, torch.tensor(8.0), torch.float8_e4m3fn, *args)
+    assert all(torch.equal(u.view(torch.uint8) if u.dtype != torch.float32 else u,
+                           v.view(torch.uint8) if v.dtype != torch.float32 else v) for u, v in zip(a, b)), args
+print("eager launch")
+
 # cast_with_stored_scale: one launch casting row-major, copying the scale, folding the amax atomically
 cast_kernel.fits = cast_kernel._fits_shape  # CPU tensors under the interpreter
 x = (torch.randn(130, 260) * 3).to(torch.bfloat16)

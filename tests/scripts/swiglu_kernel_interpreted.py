@@ -34,6 +34,10 @@ for rows, cols in [(100, 300), (64, 64), (3, 130)]:
     assert same(da_t.t(), da) == 1 and same(db_t.t(), db) == 1 and same(gt.t(), y) == 1
     torch.testing.assert_close(pa.amax(), rda.abs().max(), rtol=1e-6, atol=0)
     torch.testing.assert_close(pb.amax(), rdb.abs().max(), rtol=1e-6, atol=0)
+    # eager code launches the kernels directly (not through the ops): the same bytes
+    assert all(torch.equal(u, v) for u, v in zip(K._fwd(h1, h3, sg, E4, True, True), (y, p)))
+    eager = K._bwd(dg, h1, h3, sg, s1, s3, E4, E5, True, True, True, True)
+    assert all(torch.equal(u, v) for u, v in zip(eager, (da, da_t, db, db_t, gt, pa, pb)))
     h1[0, 0] = float("nan")
     _, p = K._swiglu_fwd_op(h1, h3, sg, E4, False, True)
     assert p.amax().item() == float("inf")
