@@ -77,7 +77,7 @@ if triton is not None:
         x_ptr, scale_ptr, y_ptr, yt_ptr, amax_ptr, scale_out_ptr, rows, cols, stride_r, stride_c,
         FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ROW_MAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, AMAX: tl.constexpr,
-        AMAX_ATOMIC: tl.constexpr = False, SCALE_OUT: tl.constexpr = False,
+        AMAX_ATOMIC: tl.constexpr, SCALE_OUT: tl.constexpr,  # no defaults: inductor wants every argument passed
     ):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -119,7 +119,8 @@ if triton is not None:
         launch(_cast_transpose_kernel)[grid](
             x, scale, y if write_rows else yt, yt if write_t else y, partial, scale, rows, cols, x.stride(0), x.stride(1),
             FP8_MAX=float(torch.finfo(fp8_dtype).max), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-            ROW_MAJOR=write_rows, TRANSPOSED=write_t, AMAX=amax, num_warps=_WARPS,
+            ROW_MAJOR=write_rows, TRANSPOSED=write_t, AMAX=amax, AMAX_ATOMIC=False, SCALE_OUT=False,
+            num_warps=_WARPS,
         )
         if copy_t:  # clone, not contiguous(): an op's outputs must not alias (y.t() of one row is contiguous)
             yt = y.t().clone(memory_format=torch.contiguous_format)
