@@ -21,7 +21,8 @@ infinite tile amax (Triton's max reductions drop NaN; an infinite amax makes the
 sync skip the step just as a NaN one does).
 
 The op is a ``torch.library.triton_op``, so ``torch.compile`` keeps it in the graph (no graph
-break) and launches the kernel from the compiled code. Triton is optional: ``supports(device)``
+break) and launches the kernel from the compiled code; eager code launches the kernel directly (the
+op's eager dispatch added ~40 us of host time per call: ``docs/PERF_NOTES.md``, entry 22). Triton is optional: ``supports(device)``
 says whether the kernel runs on a device (that of ``fp8train.optim_kernel``: NVIDIA, compute
 capability 8.9+, where Triton has fp8 conversions).
 """
@@ -117,7 +118,8 @@ if triton is not None:
         yt = torch.empty((cols, rows) if write_t else (0,), dtype=fp8_dtype, device=x.device)
         partial = torch.empty(grid[0] * grid[1] if amax else 0, dtype=torch.float32, device=x.device)
         launch(_cast_transpose_kernel)[grid](
-            x, scale, y if write_rows else yt, yt if write_t else y, partial, scale, rows, cols, x.stride(0), x.stride(1),
+            x, scale, y if write_rows else yt, yt if write_t else y, partial, scale,  # scale: SCALE_OUT's unused slot
+            rows, cols, x.stride(0), x.stride(1),
             FP8_MAX=float(torch.finfo(fp8_dtype).max), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
             ROW_MAJOR=write_rows, TRANSPOSED=write_t, AMAX=amax, AMAX_ATOMIC=False, SCALE_OUT=False,
             num_warps=_WARPS,

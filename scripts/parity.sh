@@ -34,6 +34,11 @@ for run in "${runs[@]}"; do
 done
 status=0
 for p in "${pids[@]}"; do wait "$p" || status=1; done
+# a flat copy of each run's curves beside its log, for collecting results from a remote machine
+# without the run directories (plot_runs.py takes metrics.csv files too)
+for name in "${names[@]}"; do
+  if [[ -f "$out/$name/csv/metrics.csv" ]]; then cp "$out/$name/csv/metrics.csv" "$out/$name.metrics.csv"; fi
+done
 python - "$out" "${names[@]}" <<'PY'
 import json, pathlib, sys
 out, names = pathlib.Path(sys.argv[1]), sys.argv[2:]

@@ -1,6 +1,7 @@
-"""Host time of one fp8 pre-all-gather (FSDP2's cast of an fp32 weight shard before the all-gather), per
-scaling kind, on one GPU: the CPU's microseconds per call with the GPU kept ahead of it, i.e. what
-FSDP2's all-gather path pays per gathered weight. Built to test whether delayed scaling's shard
+"""Host time of one fp8 pre-all-gather (FSDP2's cast of an fp32 weight shard before the
+all-gather), per scaling kind, on one GPU: the CPU's microseconds per call (the GPU finishes each
+small cast long before the next is issued), i.e. what FSDP2's all-gather path pays per gathered
+weight on the thread that issues the step. Built to test whether delayed scaling's shard
 cast (five launches before PERF_NOTES entry 22, one after) explains ``delayed+ag`` trailing
 ``delayed`` on 2 x H200.
 
@@ -10,8 +11,9 @@ Cases: ``tensorwise`` (precomputed scale: the cast kernel alone, launched direct
 (stored scale, amax recorded: ``cast_kernel.cast_with_stored_scale``), ``delayed_5_launches``
 (the same work as the former code did it: scale copy, cast with tile amaxes, tile reduction,
 maximum, copy back) and ``delayed_torch`` (``cast_kernel="torch"``); an ``_op`` suffix launches
-the cast kernel through its ``torch.library`` op, as eager code did before entry 22. Prints a table: us per call (host), and the bytes of
-the casts compared against ``delayed``'s.
+the cast kernel through its ``torch.library`` op, as eager code did before entry 22. Prints a
+table: us per call (host, and wall with the final sync), and whether each case's bytes equal
+``delayed``'s.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def _layer(recipe: str, rows: int, cols: int, kernel: str) -> fp8train.Float8Lin
 def _five_launches(lin: fp8train.Float8Linear):
     """The former delayed shard cast, launch for launch."""
     scale = lin.fp8_scale_weight.clone()
-    data, _, seen = cast_kernel.cast_transpose(lin.weight._tensor, scale, torch.float8_e4m3fn, transposed=False, amax=True)
+    data, _, seen = cast_kernel.cast_transpose(lin.weight._tensor, scale, torch.float8_e4m3fn, transposed=False,
+                                               amax=True)
     lin.fp8_amax_weight.copy_(torch.maximum(lin.fp8_amax_weight, seen))
     return data
 
