@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fp8train import optim_kernel
 
@@ -41,7 +42,7 @@ try:
 except ImportError:  # CPU-only installs: casts take the torch path
     triton = None
 
-__all__ = ["supports", "fits", "cast_transpose", "cast_with_stored_scale"]
+__all__ = ["supports", "fits", "cast_transpose", "cast_with_stored_scale", "launches_directly"]
 
 # a tile per program: 64 x 128 bf16 = 16 KiB read, enough in flight per SM to keep HBM busy
 # (chosen by scripts/diag/cast_kernels.py on an H200: PERF_NOTES entry 15)
@@ -147,6 +148,13 @@ def _direct(kernel: Any) -> Any:
     return kernel
 
 
+def launches_directly(x: torch.Tensor) -> bool:
+    """True in plain eager code, where a kernel is launched directly rather than through its op: not
+    under ``torch.compile``'s tracing, no dispatch mode active (``make_fx``, ``FakeTensorMode``,
+    ...), and ``x`` a plain tensor (not a subclass or a fake one)."""
+    return not torch.compiler.is_compiling() and type(x) is torch.Tensor and _get_current_dispatch_mode() is None
+
+
 def cast_transpose(
     x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, row_major: bool = True, transposed: bool = True,
     amax: bool = False,
@@ -176,7 +184,7 @@ def cast_transpose(
         )
     if not (row_major or transposed):
         raise ValueError("cast_transpose: row_major=False and transposed=False ask for nothing")
-    run = _cast_transpose_op if torch.compiler.is_compiling() else _cast_transpose_eager
+    run = _cast_transpose_eager if launches_directly(x) else _cast_transpose_op
     y, yt, partial = run(x, scale.to(torch.float32).reshape(()), dtype, row_major, transposed, amax)
     return y if row_major else None, yt if transposed else None, partial.amax() if amax else None
 

@@ -212,15 +212,15 @@ def _direct(kernel: Any) -> Any:
 
 
 def _fwd(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if torch.compiler.is_compiling():
-        return _swiglu_fwd_op(*args)
-    return _swiglu_fwd_impl(_direct, *args)
+    if cast_kernel.launches_directly(args[0]):
+        return _swiglu_fwd_impl(_direct, *args)
+    return _swiglu_fwd_op(*args)
 
 
 def _bwd(*args: Any) -> tuple[torch.Tensor, ...]:
-    if torch.compiler.is_compiling():
-        return _swiglu_bwd_op(*args)
-    return _swiglu_bwd_impl(_direct, *args)
+    if cast_kernel.launches_directly(args[0]):
+        return _swiglu_bwd_impl(_direct, *args)
+    return _swiglu_bwd_op(*args)
 
 
 def _check(*tensors: torch.Tensor) -> None:

@@ -321,6 +321,40 @@ def test_kernel_in_the_compiled_graph_only_when_asked(setting):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_eager_code_launches_directly_and_traced_code_uses_the_op(monkeypatch):
+    """The op (which torch.compile / make_fx can trace) wherever something traces; the direct launch
+    (no custom-op dispatch: host time) only in plain eager code on plain tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    used = []
+
+    def recorder(name):
+        def run(*args):
+            used.append(name)
+            return _torch_op(*args)
+        return run
+
+    monkeypatch.setattr(cast_kernel, "_cast_transpose_op", recorder("op"), raising=False)
+    monkeypatch.setattr(cast_kernel, "_cast_transpose_eager", recorder("direct"), raising=False)
+    monkeypatch.setattr(cast_kernel, "fits", lambda x, dtype: x.dim() == 2)
+    x, scale = torch.randn(8, 16), torch.tensor(4.0)
+
+    def cast(t):
+        return cast_kernel.cast_transpose(t, scale, E4)[0]
+
+    ref = cast(x)
+    assert used == ["direct"]
+    assert torch.equal(make_fx(cast)(x)(x), ref) and used[1:] == ["op"]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        cast(mode.from_tensor(x))
+    assert used[2:] == ["op"]
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(cast, backend="eager", fullgraph=True)(x), ref)
+    assert used[3] == "op"
+    assert cast_kernel.launches_directly(x) and not cast_kernel.launches_directly(torch.nn.Parameter(x))
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
 def test_fsdp_shard_cast_plumbing_on_cpu(recipe, monkeypatch):
     """FSDP2's pre-all-gather casts the weight shard through the kernel where it fits (row-major only,
