@@ -21,10 +21,11 @@ infinite tile amax (Triton's max reductions drop NaN; an infinite amax makes the
 sync skip the step just as a NaN one does).
 
 The op is a ``torch.library.triton_op``, so ``torch.compile`` keeps it in the graph (no graph
-break) and launches the kernel from the compiled code; eager code launches the kernel directly (the
-op's eager dispatch added ~40 us of host time per call: ``docs/PERF_NOTES.md``, entry 22). Triton is optional: ``supports(device)``
-says whether the kernel runs on a device (that of ``fp8train.optim_kernel``: NVIDIA, compute
-capability 8.9+, where Triton has fp8 conversions).
+break) and launches the kernel from the compiled code; plain eager code launches the kernel
+directly (``launches_directly``: the op's eager dispatch added ~40 us of host time per call,
+``docs/PERF_NOTES.md`` entry 22). Triton is optional: ``supports(device)`` says whether the kernel
+runs on a device (that of ``fp8train.optim_kernel``: NVIDIA, compute capability 8.9+, where Triton
+has fp8 conversions).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ try:
 except ImportError:  # CPU-only installs: casts take the torch path
     triton = None
 
-__all__ = ["supports", "fits", "cast_transpose", "cast_with_stored_scale", "launches_directly"]
+__all__ = ["supports", "fits", "cast_transpose", "cast_with_stored_scale"]
 
 # a tile per program: 64 x 128 bf16 = 16 KiB read, enough in flight per SM to keep HBM busy
 # (chosen by scripts/diag/cast_kernels.py on an H200: PERF_NOTES entry 15)
@@ -145,14 +146,24 @@ if triton is not None:
 
 
 def _direct(kernel: Any) -> Any:
+    """A Triton kernel as itself (the eager counterpart of ``torch.library.wrap_triton``)."""
     return kernel
 
 
-def launches_directly(x: torch.Tensor) -> bool:
+def launches_directly(*tensors: torch.Tensor) -> bool:
     """True in plain eager code, where a kernel is launched directly rather than through its op: not
-    under ``torch.compile``'s tracing, no dispatch mode active (``make_fx``, ``FakeTensorMode``,
-    ...), and ``x`` a plain tensor (not a subclass or a fake one)."""
-    return not torch.compiler.is_compiling() and type(x) is torch.Tensor and _get_current_dispatch_mode() is None
+    under ``torch.compile``'s tracing or ``torch.jit.trace``, no dispatch mode active (``make_fx``,
+    ``FakeTensorMode``, export, AOTAutograd), and every tensor a plain tensor or parameter (not a
+    subclass such as DTensor, not functionalized, not wrapped by ``vmap``/``grad``)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or torch._C._get_tracing_state():
+        return False
+    return all(
+        type(t) in _PLAIN and not torch._is_functional_tensor(t) and not _is_functorch_wrapped(t) for t in tensors
+    )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter of a subclass has the subclass's type
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def cast_transpose(
@@ -184,8 +195,9 @@ def cast_transpose(
         )
     if not (row_major or transposed):
         raise ValueError("cast_transpose: row_major=False and transposed=False ask for nothing")
-    run = _cast_transpose_eager if launches_directly(x) else _cast_transpose_op
-    y, yt, partial = run(x, scale.to(torch.float32).reshape(()), dtype, row_major, transposed, amax)
+    scale = scale.to(torch.float32).reshape(())
+    run = _cast_transpose_eager if launches_directly(x, scale) else _cast_transpose_op
+    y, yt, partial = run(x, scale, dtype, row_major, transposed, amax)
     return y if row_major else None, yt if transposed else None, partial.amax() if amax else None
 
 
@@ -209,7 +221,8 @@ def cast_with_stored_scale(
         ``(y, scale_copy)``: ``y`` ``[rows, cols]`` fp8, ``scale_copy`` 0-dim fp32.
 
     Raises:
-        ValueError: ``x``/``dtype``/``scale``/``amax`` the kernel does not take.
+        ValueError: ``x``/``dtype``/``scale``/``amax`` the kernel does not take, or a context where
+            the kernel cannot be launched directly (``launches_directly``: tracing, DTensors, ...).
     """
     if not fits(x, dtype):
         raise ValueError(f"cast_with_stored_scale: x {tuple(x.shape)} {x.dtype} on {x.device} -> {dtype} does not fit "
@@ -218,12 +231,17 @@ def cast_with_stored_scale(
         if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != x.device):
             raise ValueError(f"cast_with_stored_scale: {name} must be a one-element fp32 tensor on {x.device}, got "
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    if not launches_directly(x, scale, *([] if amax is None else [amax])):
+        raise ValueError(
+            f"cast_with_stored_scale: needs plain tensors in eager code (got {type(x).__name__}, "
+            f"{type(scale).__name__}, {type(amax).__name__}; or something is tracing): use cast_transpose there"
+        )
     rows, cols = x.shape
     y = torch.empty((rows, cols), dtype=dtype, device=x.device)
+    if not x.numel():
+        return y, scale.clone()
     scale_out = torch.empty((), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(cols, _BLOCK_N))
-    # launched directly, not through the triton_op: this runs in eager code, where the op's
-    # dispatch would add host time to every call
     _cast_transpose_kernel[grid](
         x, scale, y, y, scale_out if amax is None else amax, scale_out, rows, cols, x.stride(0), x.stride(1),
         FP8_MAX=float(torch.finfo(dtype).max), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,

@@ -166,10 +166,10 @@ class Float8AllGatherWeight(torch.Tensor):
                 return result
         config: Float8LinearConfig = module.config
         cast = config.cast_config_weight
-        scale = _weight_scale(self, mesh, module)
+        scale, stored = _weight_scale(self, mesh, module)
         record = cast.scaling_type is ScalingType.DELAYED and module.training
         data, scale = _cast_shard(self._tensor, scale, cast.target_dtype, module.fp8_amax_weight if record else None,
-                                  config.cast_kernel, stored=scale is getattr(module, "fp8_scale_weight", None))
+                                  config.cast_kernel, stored)
         data = data.view(torch.uint8)
         rows = -(-outer_size[0] // mesh.size())  # FSDP2 pads every shard to the first one's rows
         if data.shape[0] < rows:
@@ -259,18 +259,20 @@ _STEPS = _StepCounter()
 
 
 @torch.no_grad()
-def _weight_scale(weight: Float8AllGatherWeight, mesh: Any, module: nn.Module) -> torch.Tensor:
+def _weight_scale(weight: Float8AllGatherWeight, mesh: Any, module: nn.Module) -> tuple[torch.Tensor, bool]:
+    """The whole weight's scale for this all-gather, and whether it is the layer's stored
+    (delayed-scaling) buffer, which the sync rewrites in place: the caller must copy that one."""
     config: Float8LinearConfig = module.config
     cast = config.cast_config_weight
     shard = weight._tensor
     if cast.scaling_type is ScalingType.DELAYED:
         if module.is_amax_initialized:
-            return module.fp8_scale_weight  # _cast_shard copies it: the sync rewrites the buffer in place
+            return module.fp8_scale_weight, True
     elif weight._precomputed_scale is not None and weight._precomputed_at == (_STEPS.count, weight._version):
-        return weight._precomputed_scale
+        return weight._precomputed_scale, False
     amax = tensor_amax(shard) if shard.numel() else torch.zeros((), device=shard.device)
     dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
-    return amax_to_scale(amax, cast.target_dtype, config.round_scales_to_power_of_2)
+    return amax_to_scale(amax, cast.target_dtype, config.round_scales_to_power_of_2), False
 
 
 @torch.no_grad()
@@ -287,11 +289,16 @@ def _cast_shard(
     (``cast_kernel`` ``"auto"``/``"triton"`` where it runs) does it in one launch and one read of the
     shard, with the same bytes."""
     if kernel != "torch" and shard.numel() and cast_kernel.fits(shard, dtype):
-        if stored or amax is not None:
+        both = (scale,) if amax is None else (scale, amax)
+        if (stored or amax is not None) and cast_kernel.launches_directly(shard, *both):
             return cast_kernel.cast_with_stored_scale(shard, scale, dtype, amax)
-        data, _, _ = cast_kernel.cast_transpose(shard, scale, dtype, row_major=True, transposed=False)
-        return data, scale
-    if amax is not None:
+        # elsewhere (a buffer still a DTensor before TP localizes it, or something tracing): the op
+        data, _, seen = cast_kernel.cast_transpose(shard, scale, dtype, row_major=True, transposed=False,
+                                                   amax=amax is not None)
+        if amax is not None:
+            amax.copy_(torch.maximum(amax, seen))
+        return data, scale.clone() if stored else scale
+    if amax is not None and shard.numel():  # an empty shard (fewer rows than ranks) has nothing to record
         record_amax(amax, shard)
     return saturated_cast(shard, scale, dtype), scale.clone() if stored else scale
 

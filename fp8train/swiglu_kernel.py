@@ -207,19 +207,24 @@ if triton is not None:
                                 grad_dtype, rows_out, transposed, g_t, amax)
 
 
-def _direct(kernel: Any) -> Any:
-    return kernel
+def _fwd(
+    h1: torch.Tensor, h3: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, store: bool, amax: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel, launched directly in plain eager code, through its op where traced."""
+    if cast_kernel.launches_directly(h1, h3, scale):
+        return _swiglu_fwd_impl(cast_kernel._direct, h1, h3, scale, fp8_dtype, store, amax)
+    return _swiglu_fwd_op(h1, h3, scale, fp8_dtype, store, amax)
 
 
-def _fwd(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if cast_kernel.launches_directly(args[0]):
-        return _swiglu_fwd_impl(_direct, *args)
-    return _swiglu_fwd_op(*args)
-
-
-def _bwd(*args: Any) -> tuple[torch.Tensor, ...]:
-    if cast_kernel.launches_directly(args[0]):
-        return _swiglu_bwd_impl(_direct, *args)
+def _bwd(
+    dg: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor, scale_g: torch.Tensor, scale_dh1: torch.Tensor,
+    scale_dh3: torch.Tensor, g_dtype: torch.dtype, grad_dtype: torch.dtype, rows_out: bool, transposed: bool,
+    g_t: bool, amax: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernel, launched directly in plain eager code, through its op where traced."""
+    args = (dg, h1, h3, scale_g, scale_dh1, scale_dh3, g_dtype, grad_dtype, rows_out, transposed, g_t, amax)
+    if cast_kernel.launches_directly(dg, h1, h3, scale_g, scale_dh1, scale_dh3):
+        return _swiglu_bwd_impl(cast_kernel._direct, *args)
     return _swiglu_bwd_op(*args)
 
 

@@ -209,12 +209,13 @@ def test_kernel_equals_the_torch_cast_bit_for_bit(dtype, src, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [E4, E5])
 @pytest.mark.parametrize("shape", [(1024, 2048), (1000, 300), (1, 17)])
-def test_cast_with_stored_scale_in_one_launch(dtype, shape):
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float32])  # FSDP2 shards are fp32 master weights
+def test_cast_with_stored_scale_in_one_launch(dtype, shape, src):
     """FSDP2's delayed shard cast: bytes of saturated_cast, the scale copied (a later in-place
     rewrite of the buffer does not reach it), the amax folded into the running max in place."""
     _needs_kernel()
     torch.manual_seed(0)
-    x = (torch.randn(shape, device="cuda") * 3).to(torch.bfloat16)
+    x = (torch.randn(shape, device="cuda") * 3).to(src)
     scale = torch.tensor(20.0, device="cuda")
     for start in (0.0, 1e3):  # below the shard's amax: raised to it; above: kept
         amax = torch.tensor(start, device="cuda")
@@ -232,6 +233,21 @@ def test_cast_with_stored_scale_in_one_launch(dtype, shape):
     assert amax.item() == float("inf")
     with pytest.raises(ValueError, match="amax must be a one-element fp32"):
         cast_kernel.cast_with_stored_scale(x, scale, dtype, torch.zeros(2, device="cuda"))
+    y, scale_copy = cast_kernel.cast_with_stored_scale(x[:0], scale, dtype, amax)  # empty: nothing launched
+    assert y.shape == (0, shape[1]) and scale_copy.item() == 20.0 and amax.item() == float("inf")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fsdp_shard_cast_with_the_kernel_equals_torch(recipe, training):
+    """The pre-all-gather with the real kernel against cast_kernel="torch": bytes, scale, amax."""
+    _needs_kernel()
+    got = _gather_shard(recipe, "auto", training, "cuda")
+    ref = _gather_shard(recipe, "torch", training, "cuda")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and got[1].item() == 32.0
+    if recipe == "delayed":
+        assert torch.equal(got[2], ref[2]) and (got[2].item() > 0) == training
 
 
 @pytest.mark.gpu
@@ -352,16 +368,64 @@ def test_eager_code_launches_directly_and_traced_code_uses_the_op(monkeypatch):
     torch._dynamo.reset()
     assert torch.equal(torch.compile(cast, backend="eager", fullgraph=True)(x), ref)
     assert used[3] == "op"
-    assert cast_kernel.launches_directly(x) and not cast_kernel.launches_directly(torch.nn.Parameter(x))
+    # plain tensors and parameters launch directly; subclasses, functionalized, vmapped, jit-traced do not
+    class Sub(torch.Tensor):
+        pass
+
+    assert cast_kernel.launches_directly(x, torch.nn.Parameter(x)) and not cast_kernel.launches_directly(
+        x, x.as_subclass(Sub))
+    seen = []
+
+    def probe(t):
+        seen.append(cast_kernel.launches_directly(t))
+        return t * 2
+
+    torch.func.functionalize(probe)(x)
+    torch.vmap(probe)(x)
+    torch.jit.trace(probe, (x,), check_trace=False)
+    assert seen == [False, False, False]
+
+
+class _OneRankMesh:
+    """FSDP2's shard mesh for one rank: the stored or precomputed scale needs no collective."""
+
+    def size(self) -> int:
+        return 1
+
+    def get_group(self):
+        raise AssertionError("a collective was attempted")
+
+
+def _gather_shard(recipe: str, kernel: str, training: bool, device: str = "cpu"):
+    """One fp8 pre-all-gather of a fresh layer's weight: ``(bytes, metadata scale, amax buffer)``.
+    Delayed: stored scale 32 (the buffer then overwritten, as the sync would); tensorwise:
+    precomputed scale 32."""
+    from fp8train.fsdp import _STEPS
+
+    torch.manual_seed(0)
+    cfg = Float8LinearConfig.from_recipe_name(recipe, enable_fsdp_float8_all_gather=True, cast_kernel=kernel)
+    lin = fp8train.Float8Linear(48, 40, bias=False, config=cfg).to(device).train(training)
+    w = lin.weight
+    if recipe == "delayed":
+        lin.is_amax_initialized = True
+        lin.fp8_scale_weight.fill_(32.0)
+    else:
+        w._precomputed_scale = torch.tensor(32.0, device=device)
+        w._precomputed_at = (_STEPS.count, w._version)
+    (data,), (scale, dtype, _) = w.fsdp_pre_all_gather(_OneRankMesh(), w.shape, w.stride(), lin, None)
+    if recipe == "delayed":  # the metadata's scale is a copy: the sync rewrites the buffer in place
+        assert scale is not lin.fp8_scale_weight and scale.data_ptr() != lin.fp8_scale_weight.data_ptr()
+        lin.fp8_scale_weight.fill_(1.0)
+    return data, scale, getattr(lin, "fp8_amax_weight", None)
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
-def test_fsdp_shard_cast_plumbing_on_cpu(recipe, monkeypatch):
-    """FSDP2's pre-all-gather casts the weight shard through the kernel where it fits (row-major only,
-    the delayed amax from the same read): same bytes, scale and recorded amax as the torch path, with
-    the kernel's op replaced by its torch contract on CPU."""
-    from fp8train.fsdp import _STEPS
-
+@pytest.mark.parametrize("mode", ["train", "eval", "traced"])
+def test_fsdp_shard_cast_plumbing_on_cpu(recipe, mode, monkeypatch):
+    """FSDP2's pre-all-gather casts the weight shard through the kernel where it fits (row-major only;
+    delayed: one launch that also records the amax in training and copies the stored scale; where
+    the kernel cannot be launched directly, the op plus torch ops): same bytes, scale and recorded
+    amax as the torch path, with the kernel replaced by its torch contract on CPU."""
     calls = []
 
     def op(*args):
@@ -375,41 +439,43 @@ def test_fsdp_shard_cast_plumbing_on_cpu(recipe, monkeypatch):
             amax.copy_(torch.maximum(amax, torch.where(torch.isnan(a), float("inf"), a)))
         return saturated_cast(x, scale, dtype), scale.clone()
 
-    class Mesh:  # one rank: the stored or precomputed scale needs no collective
-        def size(self) -> int:
-            return 1
-
-        def get_group(self):
-            raise AssertionError("a collective was attempted")
-
-    def gather(cast_kernel_mode: str):
-        torch.manual_seed(0)
-        cfg = Float8LinearConfig.from_recipe_name(recipe, enable_fsdp_float8_all_gather=True,
-                                                  cast_kernel=cast_kernel_mode)
-        lin = fp8train.Float8Linear(48, 40, bias=False, config=cfg)
-        w = lin.weight
-        if recipe == "delayed":
-            lin.is_amax_initialized = True
-            lin.fp8_scale_weight.fill_(32.0)
-        else:
-            w._precomputed_scale, w._precomputed_at = torch.tensor(32.0), (_STEPS.count, w._version)
-        (data,), (scale, dtype, _) = w.fsdp_pre_all_gather(Mesh(), w.shape, w.stride(), lin, None)
-        if recipe == "delayed":  # the metadata's scale is a copy: the sync rewrites the buffer in place
-            assert scale is not lin.fp8_scale_weight and scale.data_ptr() != lin.fp8_scale_weight.data_ptr()
-            lin.fp8_scale_weight.fill_(1.0)
-        return data, scale, getattr(lin, "fp8_amax_weight", None)
-
-    ref = gather("torch")
+    training = mode != "eval"
+    ref = _gather_shard(recipe, "torch", training)
     monkeypatch.setattr(cast_kernel, "_cast_transpose_op", op, raising=False)
     monkeypatch.setattr(cast_kernel, "_cast_transpose_eager", op, raising=False)
     monkeypatch.setattr(cast_kernel, "cast_with_stored_scale", stored)
     monkeypatch.setattr(cast_kernel, "fits", lambda x, dtype: x.dim() == 2)
-    got = gather("auto")
-    # row-major only; delayed: one launch that also records the amax and copies the stored scale
-    assert calls == [("stored", True)] if recipe == "delayed" else [(True, False, False)]
+    if mode == "traced":  # e.g. a buffer still a DTensor: no direct launch
+        monkeypatch.setattr(cast_kernel, "launches_directly", lambda *t: False)
+    got = _gather_shard(recipe, "auto", training)
+    record = recipe == "delayed" and training
+    if recipe == "tensorwise":
+        assert calls == [(True, False, False)]
+    elif mode == "traced":
+        assert calls == [(True, False, record)]
+    else:
+        assert calls == [("stored", record)]
     assert torch.equal(got[0], ref[0]) and got[0].dtype == torch.uint8 and torch.equal(got[1], ref[1])
     assert got[1].item() == 32.0
     if recipe == "delayed":
-        assert got[2] > 0 and torch.equal(got[2], ref[2])
-    gather("torch")
+        assert torch.equal(got[2], ref[2]) and bool(got[2] > 0) == record
+    _gather_shard(recipe, "torch", training)
     assert len(calls) == 1  # cast_kernel="torch" keeps torch ops
+
+
+def test_empty_fsdp_shard_records_nothing():
+    """A weight with fewer rows than ranks leaves some ranks an empty shard: it casts to padding and
+    records no amax (the other ranks' shards carry it)."""
+    cfg = Float8LinearConfig.from_recipe_name("delayed", enable_fsdp_float8_all_gather=True)
+    lin = fp8train.Float8Linear(32, 4, bias=False, config=cfg)
+    lin.is_amax_initialized = True
+    w = lin.weight
+    w._tensor = torch.empty(0, 32)
+
+    class EightRanks(_OneRankMesh):
+        def size(self) -> int:
+            return 8
+
+    (data,), (scale, _, _) = w.fsdp_pre_all_gather(EightRanks(), torch.Size([4, 32]), (32, 1), lin, None)
+    assert data.shape == (1, 32) and data.dtype == torch.uint8 and scale.item() == 1.0
+    assert lin.fp8_amax_weight.item() == 0.0

@@ -400,6 +400,53 @@ def test_gpu_fused_compiled_matches_the_three_layers(recipe):
         assert abs(a - b) < 1.0, (n, a, b)
 
 
+def test_eager_code_launches_the_kernels_directly_and_traced_code_uses_the_ops(monkeypatch):
+    """As for fp8train.cast_kernel: the ops wherever something traces, direct launches in plain eager code."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    used = []
+
+    def fwd(h1, h3, scale, dtype, store, amax):
+        return saturated_cast(swiglu_kernel.swiglu_reference(h1, h3), scale, dtype), torch.zeros(1)
+
+    def bwd(*args):
+        return tuple(torch.zeros(1) for _ in range(7))
+
+    def fwd_op(*args):
+        used.append("op")
+        return fwd(*args)
+
+    def fwd_impl(launch, *args):
+        used.append("direct")
+        return fwd(*args)
+
+    def bwd_op(*args):
+        used.append("op")
+        return bwd(*args)
+
+    def bwd_impl(launch, *args):
+        used.append("direct")
+        return bwd(*args)
+
+    for name, fn in (("_swiglu_fwd_op", fwd_op), ("_swiglu_fwd_impl", fwd_impl), ("_swiglu_bwd_op", bwd_op),
+                     ("_swiglu_bwd_impl", bwd_impl)):
+        monkeypatch.setattr(swiglu_kernel, name, fn, raising=False)
+    monkeypatch.setattr(swiglu_kernel, "fits", lambda *t: True)
+    h1, h3 = torch.randn(4, 8), torch.randn(4, 8)
+    one = torch.tensor(1.0)
+
+    def both(a, b):
+        g8, _ = swiglu_kernel.swiglu_cast(a, b, one, torch.float8_e4m3fn)
+        swiglu_kernel.swiglu_backward_cast(a, a, b, scale_g=one, scale_dh1=one, scale_dh3=one,
+                                           g_dtype=torch.float8_e4m3fn, grad_dtype=torch.float8_e5m2)
+        return g8.float()
+
+    both(h1, h3)
+    assert used == ["direct", "direct"]
+    make_fx(both)(h1, h3)
+    assert used[2:] == ["op", "op"]
+
+
 def test_kernels_under_the_triton_interpreter():
     import os
     import subprocess
