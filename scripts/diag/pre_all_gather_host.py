@@ -92,6 +92,7 @@ def main() -> None:
         "delayed_5_launches": ("delayed", "auto", _five_launches),
         "delayed_5_launches_op": ("delayed", "auto", _five_launches),
         "delayed_torch": ("delayed", "torch", None),
+        "tensorwise_again": ("tensorwise", "auto", None),  # the first case once more: an order effect?
     }
     bytes_of = {}
     rows = []
