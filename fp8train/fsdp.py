@@ -25,7 +25,10 @@ them in high precision). The gathered bytes share one tensorwise scale, identica
 
 FSDP2 gathers a resharded weight again in backward: that all-gather reuses the forward's fp8 bytes
 (kept in between) when no optimizer step or in-place edit came between. On a GPU the shard is cast
-by ``fp8train.cast_kernel`` (cast + amax from one read) unless ``cast_kernel="torch"``.
+by ``fp8train.cast_kernel`` (cast + amax from one read) unless ``cast_kernel="torch"``; with delayed
+scaling one launch also folds the amax into the buffer and copies the stored scale (FSDP2 runs
+pre-all-gathers on the thread that issues the step, so each launch costs step time:
+``docs/PERF_NOTES.md`` entry 22).
 
 Why uint8 on the wire: gloo has no fp8 collectives, and FSDP2 itself all-gathers in uint8 when a
 group mixes dtypes; the bytes are the same.
