@@ -43,13 +43,16 @@ try:
 except ImportError:  # CPU-only installs: casts take the torch path
     triton = None
 
-__all__ = ["supports", "fits", "cast_transpose", "cast_with_stored_scale"]
+__all__ = ["supports", "fits", "cast_transpose", "cast_with_stored_scale", "cast_group"]
 
 # a tile per program: 64 x 128 bf16 = 16 KiB read, enough in flight per SM to keep HBM busy
 # (chosen by scripts/diag/cast_kernels.py on an H200: PERF_NOTES entry 15)
 _BLOCK_M, _BLOCK_N, _WARPS = 64, 128, 8
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the column tiles)
+# cast_group: a 1-D block of 4096 elements per program (16 KiB of fp32, as the 2-D tile above reads
+# of bf16), and at most 1024 tensors per launch (each program scans their tile table)
+_GROUP_BLOCK, _GROUP_WARPS, _GROUP_MAX = 4096, 4, 1024
 
 
 @torch.compiler.assume_constant_result  # traced as a constant: no graph break for the device query
@@ -103,6 +106,26 @@ if triton is not None:
                 tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_n, tile_amax)
         if SCALE_OUT:  # a copy of the scale used, taken in the same launch
             tl.store(scale_out_ptr, scale, mask=(pid_m == 0) & (pid_n == 0))
+
+    @triton.jit
+    def _cast_group_kernel(
+        meta_ptr, scales_ptr, x0_ptr, y_ptr, n, FP8_MAX: tl.constexpr, N_POW2: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # meta (int64): n source addresses, n numels, n offsets into y, n cumulative tile counts
+        pid = tl.program_id(0)
+        i = tl.arange(0, N_POW2)
+        ends = tl.load(meta_ptr + 3 * n + i, mask=i < n, other=2**62)
+        t = tl.sum((ends <= pid).to(tl.int32), axis=0)  # the tensor this program's tile belongs to
+        first = tl.load(meta_ptr + 3 * n + t - 1, mask=t > 0, other=0)
+        x_ptr = tl.load(meta_ptr + t).to(tl.pointer_type(x0_ptr.dtype.element_ty))
+        numel = tl.load(meta_ptr + n + t)
+        dst = tl.load(meta_ptr + 2 * n + t)
+        offs = (pid - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scales_ptr + t)
+        y = tl.clamp(x * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + dst + offs, y, mask=mask)
 
     def _cast_transpose_impl(
         launch: Any, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, row_major: bool, transposed: bool,
@@ -248,3 +271,89 @@ def cast_with_stored_scale(
         ROW_MAJOR=True, TRANSPOSED=False, AMAX=amax is not None, AMAX_ATOMIC=True, SCALE_OUT=True, num_warps=_WARPS,
     )
     return y, scale_out
+
+
+def _runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" and supports(device)
+
+
+_GROUP_META: dict[tuple[Any, ...], tuple[torch.Tensor, int, int]] = {}
+
+
+def _group_meta(xs: list[torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """``(meta, tiles, elements)`` of ``_cast_group_kernel`` for these tensors, uploaded once per set
+    of (address, size): FSDP2's shards keep their storage, so a training run uploads it once
+    (``torch.tensor(..., device="cuda")`` from pageable memory waits for the GPU)."""
+    key = (xs[0].device, tuple((x.data_ptr(), x.numel()) for x in xs))
+    if key not in _GROUP_META:
+        if len(_GROUP_META) >= 32:  # storage that moved: drop stale tables rather than grow
+            _GROUP_META.clear()
+        numels = [x.numel() for x in xs]
+        offsets, ends, total, tiles = [], [], 0, 0
+        for k in numels:
+            offsets.append(total)
+            total += k
+            tiles += -(-k // _GROUP_BLOCK)
+            ends.append(tiles)
+        host = [x.data_ptr() for x in xs] + numels + offsets + ends
+        _GROUP_META[key] = (torch.tensor(host, dtype=torch.int64, device=xs[0].device), tiles, total)
+    return _GROUP_META[key]
+
+
+def cast_group(xs: list[torch.Tensor], scales: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[saturated_cast(x, scale, dtype) for x, scale in zip(xs, scales)]`` in one kernel launch
+    (per 1024 tensors), outside compiled code: the fp8 weights of a whole model after an optimizer
+    step (``fp8train.precompute_float8_dynamic_scale_for_fsdp``) without a launch per weight.
+
+    Args:
+        xs: contiguous bf16/fp16/fp32 CUDA tensors of one dtype on one device, any shapes, each under
+            2**31 elements (empty ones allowed).
+        scales: ``[len(xs)]`` fp32 tensor on that device: ``scales[i]`` multiplies ``xs[i]``.
+        dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+
+    Returns:
+        fp8 tensors shaped like ``xs``, views of one buffer.
+
+    Raises:
+        ValueError: tensors, scales or dtype the kernel does not take, or a context where it cannot
+            be launched directly (``launches_directly``).
+    """
+    if not xs:
+        return []
+    x0 = xs[0]
+    if dtype not in _FP8 or x0.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not _runs_on(x0.device):
+        raise ValueError(
+            f"cast_group: {x0.dtype} on {x0.device} -> {dtype}: needs bf16/fp16/fp32 tensors on an NVIDIA GPU of "
+            f"compute capability 8.9+ with Triton installed, cast to one of {list(_FP8)}"
+        )
+    bad = [i for i, x in enumerate(xs) if x.dtype != x0.dtype or x.device != x0.device or not x.is_contiguous()
+           or x.numel() >= 2**31]
+    if bad:
+        x = xs[bad[0]]
+        raise ValueError(
+            f"cast_group: every tensor must be contiguous, under 2**31 elements, {x0.dtype} on {x0.device} like "
+            f"xs[0]; xs[{bad[0]}] is {tuple(x.shape)} {x.dtype} on {x.device}, contiguous={x.is_contiguous()} "
+            f"({len(bad)} such)"
+        )
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (len(xs),) or scales.device != x0.device:
+        raise ValueError(f"cast_group: scales must be a [{len(xs)}] fp32 tensor on {x0.device}, got "
+                         f"{tuple(scales.shape)} {scales.dtype} on {scales.device}")
+    if not launches_directly(scales, *xs):
+        raise ValueError("cast_group: needs plain tensors in eager code (no tracing, no tensor subclasses)")
+    scales = scales.contiguous()
+    total = sum(x.numel() for x in xs)
+    flat = torch.empty(total, dtype=dtype, device=x0.device)
+    out, start = [], 0
+    for lo in range(0, len(xs), _GROUP_MAX):
+        part = xs[lo:lo + _GROUP_MAX]
+        meta, tiles, elements = _group_meta(part)
+        if tiles:
+            _cast_group_kernel[(tiles,)](
+                meta, scales[lo:], part[0], flat[start:], len(part),
+                FP8_MAX=float(torch.finfo(dtype).max), N_POW2=max(16, triton.next_power_of_2(len(part))),
+                BLOCK=_GROUP_BLOCK, num_warps=_GROUP_WARPS,
+            )
+        for x in part:
+            out.append(flat[start:start + x.numel()].view(x.shape))
+            start += x.numel()
+    return out

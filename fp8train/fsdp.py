@@ -92,6 +92,7 @@ class Float8AllGatherWeight(torch.Tensor):
     _precomputed_scale: torch.Tensor | None
     _precomputed_at: tuple[int, int]  # (optimizer steps, weight version) when it was computed
     _forward_cast: tuple[tuple[int, int], Any] | None  # ((optimizer steps, weight version), pre-all-gather result)
+    _precast: tuple[tuple[int, int], Any] | None  # the same, cast by precompute_float8_dynamic_scale_for_fsdp
 
     @staticmethod
     def __new__(cls, tensor: torch.Tensor) -> "Float8AllGatherWeight":
@@ -110,6 +111,7 @@ class Float8AllGatherWeight(torch.Tensor):
         self._precomputed_scale = None
         self._precomputed_at = (-1, -1)
         self._forward_cast = None
+        self._precast = None
         return self
 
     def __repr__(self) -> str:
@@ -159,8 +161,13 @@ class Float8AllGatherWeight(torch.Tensor):
         FSDP2 gathers a resharded weight twice per step, in forward and again in backward. The
         backward all-gather reuses the bytes the forward cast (kept until then: one byte per
         element of the shard) when no optimizer step and no in-place edit of the weight came
-        between; any other call casts afresh."""
+        between; any other call casts afresh. After ``precompute_float8_dynamic_scale_for_fsdp``,
+        both take the bytes it cast (``_precast``)."""
         now = (_STEPS.count, self._version)
+        rows = -(-outer_size[0] // mesh.size())  # FSDP2 pads every shard to the first one's rows
+        if self._precast is not None and self._precast[0] == now:
+            (data,), metadata = self._precast[1]
+            return (_pad_rows(data, rows),), metadata
         in_backward = torch._C._current_graph_task_id() != -1
         if in_backward and self._forward_cast is not None:
             cached_at, result = self._forward_cast
@@ -173,13 +180,10 @@ class Float8AllGatherWeight(torch.Tensor):
         record = cast.scaling_type is ScalingType.DELAYED and module.training
         data, scale = _cast_shard(self._tensor, scale, cast.target_dtype, module.fp8_amax_weight if record else None,
                                   config.cast_kernel, stored)
-        data = data.view(torch.uint8)
-        rows = -(-outer_size[0] // mesh.size())  # FSDP2 pads every shard to the first one's rows
-        if data.shape[0] < rows:
-            data = F.pad(data, (0, 0, 0, rows - data.shape[0]))
-        result = (data,), (scale, cast.target_dtype, module.linear_mm_config)
-        # keep a forward's bytes for the backward all-gather (training only; eval has no backward)
-        keep = not in_backward and torch.is_grad_enabled() and module.training
+        result = (_pad_rows(data.view(torch.uint8), rows),), (scale, cast.target_dtype, module.linear_mm_config)
+        # keep a forward's bytes for the backward all-gather (training mode only: eval has no backward).
+        # Not keyed on grad mode: FSDP2 all-gathers under no_grad, so that would never keep anything
+        keep = not in_backward and module.training
         self._forward_cast = (now, result) if keep else None
         return result
 
@@ -206,6 +210,10 @@ class Float8AllGatherWeight(torch.Tensor):
             local._scale = scale
             return None
         return Float8Tensor(data, scale, param_dtype, mm_config, GemmInputRole.WEIGHT), (data,)
+
+
+def _pad_rows(data: torch.Tensor, rows: int) -> torch.Tensor:
+    return F.pad(data, (0, 0, 0, rows - data.shape[0])) if data.shape[0] < rows else data
 
 
 def _unwrap(x: Any) -> Any:
@@ -424,6 +432,37 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> int:
         for w, s in zip(wrappers, scales.unbind(0)):
             w._precomputed_scale = s
             w._precomputed_at = (_STEPS.count, w._version)
+        _precast(layers, wrappers, scales)
         n += len(layers)
     return n
+
+
+def _precast(layers: list[nn.Module], wrappers: list[Float8AllGatherWeight], scales: torch.Tensor) -> None:
+    """Cast every shard to fp8 with its precomputed scale now, for the next all-gathers (forward and
+    backward, every micro-batch) until the next optimizer step: one ``cast_kernel.cast_group``
+    launch per (shard dtype, fp8 dtype) instead of one per weight on FSDP2's all-gather path, where
+    each cost ~50-100 us of host time (``docs/PERF_NOTES.md``, entry 23). Shards the kernel does not
+    take (CPU, ``cast_kernel="torch"``, non-contiguous) are cast one by one here instead."""
+    for w in wrappers:
+        w._precast = None  # the previous step's bytes go before the new ones are allocated
+    groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = defaultdict(list)
+    rest = []
+    for i, (m, w) in enumerate(zip(layers, wrappers)):
+        dtype, shard = m.config.cast_config_weight.target_dtype, w._tensor
+        if (m.config.cast_kernel != "torch" and shard.is_contiguous() and cast_kernel.fits(shard, dtype)
+                and cast_kernel.launches_directly(shard)):
+            groups[(shard.dtype, dtype)].append(i)
+        else:
+            rest.append(i)
+    data = {}
+    for (_, dtype), idx in groups.items():
+        group_scales = scales if len(idx) == len(layers) else scales[_index(idx, scales.device)]
+        data.update(zip(idx, cast_kernel.cast_group([wrappers[i]._tensor for i in idx], group_scales, dtype)))
+    for i in rest:
+        m = layers[i]
+        data[i] = _cast_shard(wrappers[i]._tensor, scales[i], m.config.cast_config_weight.target_dtype, None,
+                              m.config.cast_kernel)[0]
+    for i, (m, w, s) in enumerate(zip(layers, wrappers, scales.unbind(0))):
+        metadata = (s, m.config.cast_config_weight.target_dtype, m.linear_mm_config)
+        w._precast = ((_STEPS.count, w._version), ((data[i].view(torch.uint8),), metadata))
 

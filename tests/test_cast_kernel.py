@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import fp8train
-from fp8train import Float8LinearConfig, cast_kernel
+from fp8train import CastConfig, Float8LinearConfig, cast_kernel
 from fp8train.scaling import saturated_cast
 from _helpers import sqnr
 
@@ -235,6 +235,53 @@ def test_cast_with_stored_scale_in_one_launch(dtype, shape, src):
         cast_kernel.cast_with_stored_scale(x, scale, dtype, torch.zeros(2, device="cuda"))
     y, scale_copy = cast_kernel.cast_with_stored_scale(x[:0], scale, dtype, amax)  # empty: nothing launched
     assert y.shape == (0, shape[1]) and scale_copy.item() == 20.0 and amax.item() == float("inf")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [E4, E5])
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16])
+def test_cast_group_equals_the_torch_cast_of_each_tensor(dtype, src, monkeypatch):
+    """One launch for a list of tensors (FSDP2's shards after an optimizer step), each with its own
+    scale: every byte as saturated_cast, empty and odd-sized tensors included, NaN/inf kept, and
+    lists longer than one launch takes."""
+    _needs_kernel()
+    torch.manual_seed(0)
+    shapes = [(1024, 2048), (0, 64), (3, 4097), (1, 1), (4096,), (1000, 300)]
+    xs = [(torch.randn(s, device="cuda") * 4).to(src) for s in shapes]
+    xs[0][0, :3] = torch.tensor([1e6, float("nan"), -float("inf")])
+    scales = torch.tensor([30.0, 2.0, 0.5, 1e-3, 448.0, 7.0], device="cuda")
+    for limit in (1024, 4):  # 4: two launches
+        monkeypatch.setattr(cast_kernel, "_GROUP_MAX", limit)
+        out = cast_kernel.cast_group(xs, scales, dtype)
+        assert [y.shape for y in out] == [x.shape for x in xs] and all(y.dtype == dtype for y in out)
+        for x, scale, y in zip(xs, scales, out):
+            assert torch.equal(_bits(y), _bits(saturated_cast(x, scale, dtype)))
+    assert cast_kernel.cast_group([], scales[:0], dtype) == []
+    with pytest.raises(ValueError, match=r"xs\[1\] is \(64, 32\)"):
+        cast_kernel.cast_group([xs[0], xs[0][:, :64].t()], scales[:2], dtype)  # not contiguous
+    with pytest.raises(ValueError, match="scales must be a \\[2\\] fp32"):
+        cast_kernel.cast_group(xs[:2], scales[:3], dtype)
+
+
+@pytest.mark.gpu
+def test_precast_shards_equal_a_fresh_cast_on_gpu():
+    """The fused precompute's one-launch cast of every shard against each layer casting its own."""
+    _needs_kernel()
+    from fp8train import fsdp
+
+    torch.manual_seed(0)
+    cfg = Float8LinearConfig.from_recipe_name("tensorwise", enable_fsdp_float8_all_gather=True)
+    layers = [fp8train.Float8Linear(k, n, bias=False, config=cfg).cuda() for k, n in ((64, 48), (300, 7), (128, 256))]
+    wrappers = [m.weight for m in layers]
+    scales = torch.tensor([3.0, 40.0, 0.25], device="cuda")
+    for w, s in zip(wrappers, scales):
+        w._precomputed_scale, w._precomputed_at = s, (fsdp._STEPS.count, w._version)
+    fresh = [w.fsdp_pre_all_gather(_OneRankMesh(), w.shape, w.stride(), m, None) for w, m in zip(wrappers, layers)]
+    fsdp._precast(layers, wrappers, scales)
+    for w, m, (data, meta) in zip(wrappers, layers, fresh):
+        got = w.fsdp_pre_all_gather(_OneRankMesh(), w.shape, w.stride(), m, None)
+        assert got is not None and torch.equal(got[0][0], data[0]) and torch.equal(got[1][0], meta[0])
+        assert got[0][0].data_ptr() == w._precast[1][0][0].data_ptr()  # the precast bytes, not a new cast
 
 
 @pytest.mark.gpu
@@ -479,3 +526,56 @@ def test_empty_fsdp_shard_records_nothing():
     (data,), (scale, _, _) = w.fsdp_pre_all_gather(EightRanks(), torch.Size([4, 32]), (32, 1), lin, None)
     assert data.shape == (1, 32) and data.dtype == torch.uint8 and scale.item() == 1.0
     assert lin.fp8_amax_weight.item() == 0.0
+
+
+def test_precast_groups_shards_per_dtype_and_casts_the_rest_one_by_one(monkeypatch):
+    """``precompute_float8_dynamic_scale_for_fsdp``'s precast: one ``cast_group`` call per (shard
+    dtype, fp8 dtype), layers with ``cast_kernel="torch"`` cast one by one; afterwards the forward
+    and backward all-gathers return those bytes without casting, until an optimizer step or an
+    in-place edit (then the layer casts afresh with its own scale: here a collective on the mesh)."""
+    from fp8train import fsdp
+
+    groups = []
+
+    def group(xs, scales, dtype):  # cast_group's contract in torch ops
+        groups.append((xs[0].dtype, dtype, len(xs)))
+        return [saturated_cast(x, s, dtype) for x, s in zip(xs, scales)]
+
+    monkeypatch.setattr(cast_kernel, "cast_group", group)
+    monkeypatch.setattr(cast_kernel, "fits", lambda x, dtype: x.dim() == 2)
+    torch.manual_seed(0)
+    e5 = CastConfig(target_dtype=E5)
+    configs = [Float8LinearConfig(enable_fsdp_float8_all_gather=True),
+               Float8LinearConfig(enable_fsdp_float8_all_gather=True, cast_config_weight=e5),
+               Float8LinearConfig(enable_fsdp_float8_all_gather=True, cast_kernel="torch"),
+               Float8LinearConfig(enable_fsdp_float8_all_gather=True)]
+    layers = [fp8train.Float8Linear(32, 16 + i, bias=False, config=c) for i, c in enumerate(configs)]
+    layers[3].weight._tensor = layers[3].weight._tensor.to(torch.bfloat16)
+    wrappers = [m.weight for m in layers]
+    scales = torch.tensor([2.0, 3.0, 4.0, 5.0])
+    for w, s in zip(wrappers, scales):
+        w._precomputed_scale, w._precomputed_at = s, (fsdp._STEPS.count, w._version)
+    casts = []
+    real = fsdp._cast_shard
+    monkeypatch.setattr(fsdp, "_cast_shard", lambda *a, **k: casts.append(a[4]) or real(*a, **k))
+    fsdp._precast(layers, wrappers, scales)
+    assert sorted(groups, key=str) == sorted([(torch.float32, E4, 1), (torch.float32, E5, 1),
+                                              (torch.bfloat16, E4, 1)], key=str)
+    assert casts == ["torch"]
+
+    def gather(i):
+        w = wrappers[i]
+        with torch.no_grad():
+            return w.fsdp_pre_all_gather(_OneRankMesh(), w.shape, w.stride(), layers[i], None)
+
+    for i, (m, w, s) in enumerate(zip(layers, wrappers, scales)):
+        dtype = m.config.cast_config_weight.target_dtype
+        (data,), (scale, got_dtype, _) = gather(i)
+        assert torch.equal(data, saturated_cast(w._tensor, s, dtype).view(torch.uint8)) and scale == s
+        assert got_dtype == dtype and gather(i)[0][0] is data  # backward: the same bytes
+    assert casts == ["torch"]  # no cast on the all-gather path
+    with torch.no_grad():
+        wrappers[0].mul_(2.0)
+    with pytest.raises(AssertionError, match="collective"):  # stale: its own scale, all-reduced
+        gather(0)
+    assert gather(1)[0][0] is wrappers[1]._precast[1][0][0]  # the others keep theirs

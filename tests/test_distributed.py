@@ -84,17 +84,24 @@ def test_fsdp2_fp8_all_gather_is_bit_identical_to_hp_all_gather_and_matches_unsh
         assert _same_state(ranks[1][recipe]["on"]["fp8"], ranks[0][recipe]["on"]["fp8"])
         assert _same_state(ranks[1][recipe]["on"]["weights"], runs["on"]["weights"])
 
-    # which all-reduces ran: 2 blocks x 2 layers gathered in forward and again in backward, + head = 9 per step
+    # which all-reduces and shard casts ran. Per step: 2 blocks x 2 layers gathered in forward and
+    # again in backward, + the head once = 9 all-gathers; 5 weights, so 5 casts: the backward
+    # all-gather reuses the forward's bytes (FSDP2 all-gathers under no_grad), and after the fused
+    # precompute every all-gather takes the bytes it cast in one go
     tw = ranks[0]["tensorwise"]
-    assert tw["on"]["all_reduces"] == {"precompute_float8_dynamic_scale_for_fsdp": 4}  # one fused per step
-    assert tw["on_compiled"]["all_reduces"] == {"precompute_float8_dynamic_scale_for_fsdp": 4}
-    assert tw["on_no_precompute"]["all_reduces"] == {"_weight_scale": 4 * 9}  # one per all-gather
+    for name in ("on", "on_compiled"):
+        assert tw[name]["all_reduces"] == {"precompute_float8_dynamic_scale_for_fsdp": 4}  # one fused per step
+        assert tw[name]["casts"] == {"_precast": 4 * 5}  # none on the all-gather path
+    assert tw["on_no_precompute"]["all_reduces"] == {"_weight_scale": 4 * 5}  # one per forward all-gather
+    assert tw["on_no_precompute"]["casts"] == {"_pre_all_gather": 4 * 5}
     # precomputed before step 1 only: the optimizer step makes it stale, later steps compute their own
-    assert tw["on_precompute_once"]["all_reduces"] == {"_weight_scale": 3 * 9}
+    assert tw["on_precompute_once"]["all_reduces"] == {"_weight_scale": 3 * 5}
+    assert tw["on_precompute_once"]["casts"] == {"_pre_all_gather": 3 * 5}
     dl = ranks[0]["delayed"]
     assert len(dl["on"]["fp8"]) == 5 * 12
     # delayed: the stored scale after the first sync; before it, the dynamic scale (step 1 only)
-    assert dl["on"]["all_reduces"] == {"_weight_scale": 9, "_sync_group": 4}
+    assert dl["on"]["all_reduces"] == {"_weight_scale": 5, "_sync_group": 4}
+    assert dl["on"]["casts"] == {"_pre_all_gather": 4 * 5}
 
 
 @pytest.mark.slow
@@ -136,9 +143,11 @@ def test_two_d_mesh_tensor_parallel_times_fsdp2_with_fp8_all_gather(tmp_path):
     # dynamic: one fused precompute per step and no per-layer fallback; it all-reduces once per mesh
     # dim: twice for the blocks' 2-D weights, once for the head (FSDP only, on the dp mesh)
     assert ranks[0]["tensorwise"]["all_reduces"] == {"precompute_float8_dynamic_scale_for_fsdp": 3 * 4}
+    assert ranks[0]["tensorwise"]["casts"] == {"_precast": 5 * 4}  # the precompute cast every shard
+    assert ranks[0]["delayed"]["casts"] == {"_pre_all_gather": 5 * 4}  # forward only: backward reuses
     # delayed, synced over the 2-D DeviceMesh: one all-reduce per mesh dim and step (scales identical on
     # all 4 ranks, checked above); before the first sync each all-gather reduces its own amax
-    assert ranks[0]["delayed"]["all_reduces"] == {"_sync_group": 2 * 4, "_weight_scale": 9}
+    assert ranks[0]["delayed"]["all_reduces"] == {"_sync_group": 2 * 4, "_weight_scale": 5}
 
 
 @pytest.mark.slow

@@ -202,7 +202,9 @@ def test_precomputed_scale_is_used_until_an_optimizer_step_or_an_in_place_edit()
 
 def test_backward_all_gather_reuses_the_forward_cast(monkeypatch):
     """FSDP2 gathers a resharded weight in forward and again in backward: the backward one takes the
-    forward's bytes unless an optimizer step, an in-place edit or a forward without grad came between."""
+    forward's bytes unless an optimizer step, an in-place edit or an evaluation forward came between.
+    FSDP2 runs every pre-all-gather under ``torch.no_grad()`` (its all-gather path is no-grad), so
+    these calls do too: keying the reuse on grad mode never reused anything under FSDP2."""
     import fp8train.fsdp as fsdp
 
     casts = []
@@ -215,7 +217,8 @@ def test_backward_all_gather_reuses_the_forward_cast(monkeypatch):
     shard = lin.weight
 
     def gather():
-        return shard.fsdp_pre_all_gather(_FakeMesh(1), shard.shape, shard.stride(), lin, None)
+        with torch.no_grad():  # as FSDP2 calls it
+            return shard.fsdp_pre_all_gather(_FakeMesh(1), shard.shape, shard.stride(), lin, None)
 
     def in_backward(*calls):
         """Run the calls inside autograd's backward (where FSDP2's pre-backward all-gather runs)."""
@@ -245,7 +248,8 @@ def test_backward_all_gather_reuses_the_forward_cast(monkeypatch):
     in_backward(gather)
     assert len(casts) == 6
     gather()
-    with torch.no_grad():
-        gather()  # a forward without grad (evaluation) keeps nothing, and drops the earlier bytes
+    lin.eval()
+    gather()  # an evaluation forward keeps nothing, and drops the earlier bytes
+    lin.train()
     in_backward(gather)
     assert len(casts) == 9

@@ -13,7 +13,9 @@ Cases: ``tensorwise`` (precomputed scale: the cast kernel alone, launched direct
 maximum, copy back) and ``delayed_torch`` (``cast_kernel="torch"``); ``tensorwise_cast_alone`` and
 ``tensorwise_stored_kernel`` time tensorwise's cast without the rest of the pre-all-gather, through
 ``cast_transpose`` and through ``cast_with_stored_scale`` (which passes no zero-size placeholder
-tensors: tensorwise's pre-all-gather took 113 us against delayed's 56, entry 22); an ``_op`` suffix launches
+tensors: tensorwise's pre-all-gather took 113 us against delayed's 56, entry 22);
+``tensorwise_precast`` is the pre-all-gather after ``precompute_float8_dynamic_scale_for_fsdp``
+cast every shard in one launch (entry 23: no cast left on the all-gather path); an ``_op`` suffix launches
 the cast kernel through its ``torch.library`` op, as eager code did before entry 22. Prints a
 table: us per call (host, and wall with the final sync), and whether each case's bytes equal
 ``delayed``'s.
@@ -28,7 +30,7 @@ import torch
 
 import fp8train
 from fp8train import cast_kernel
-from fp8train.fsdp import _STEPS
+from fp8train.fsdp import _STEPS, _precast
 
 
 class _OneRank:
@@ -92,6 +94,7 @@ def main() -> None:
         "delayed_5_launches": ("delayed", "auto", _five_launches),
         "delayed_5_launches_op": ("delayed", "auto", _five_launches),
         "delayed_torch": ("delayed", "torch", None),
+        "tensorwise_precast": ("tensorwise", "auto", None),  # after the fused precompute's precast
         "tensorwise_again": ("tensorwise", "auto", None),  # the first case once more: an order effect?
     }
     bytes_of = {}
@@ -101,6 +104,8 @@ def main() -> None:
         cast_kernel._cast_transpose_eager = cast_kernel._cast_transpose_op if name.endswith("_op") else eager
         lin = _layer(recipe, args.rows, args.cols, kernel)
         w = lin.weight
+        if name.endswith("_precast"):
+            _precast([lin], [w], w._precomputed_scale.reshape(1))
 
         def call():
             if fn is not None:

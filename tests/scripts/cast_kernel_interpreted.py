@@ -79,4 +79,19 @@ big = torch.tensor(1e4)
 cast_kernel.cast_with_stored_scale(x, scale, torch.float8_e4m3fn, big)
 assert big.item() == 1e4
 print("stored scale")
+
+# cast_group: one launch for several tensors, each with its own scale (exact inputs, as above)
+cast_kernel._runs_on = lambda device: True  # CPU tensors under the interpreter
+for src, dtype in ((torch.float32, torch.float8_e4m3fn), (torch.bfloat16, torch.float8_e5m2)):
+    xs = [torch.randint(0, 256, s, dtype=torch.uint8).view(dtype).float().nan_to_num(0).to(src)
+          for s in [(70, 200), (0, 5), (3, 4097), (5000,)]]
+    xs[0][0, :3] = torch.tensor([1e6, -1e6, float("inf")])
+    scales = torch.tensor([1.0, 2.0, 1.0, 1.0])
+    for limit in (1024, 3):  # 3: two launches
+        cast_kernel._GROUP_MAX = limit
+        out = cast_kernel.cast_group(xs, scales, dtype)
+        for x, s, y in zip(xs, scales, out):
+            assert y.shape == x.shape and y.dtype == dtype
+            assert torch.equal(y.view(torch.uint8), saturated_cast(x, s, dtype).view(torch.uint8)), (src, x.shape)
+print("group")
 print("ok")

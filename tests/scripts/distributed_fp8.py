@@ -53,6 +53,18 @@ def _counting_all_reduce(*args, **kwargs):
 
 
 dist.all_reduce = _counting_all_reduce
+
+# which function cast each FSDP2 weight shard to fp8: the fused precompute's precast or an all-gather
+CAST_CALLERS: Counter = Counter()
+_cast_shard = fp8train.fsdp._cast_shard
+
+
+def _counting_cast_shard(*args, **kwargs):
+    CAST_CALLERS[sys._getframe(1).f_code.co_name] += 1
+    return _cast_shard(*args, **kwargs)
+
+
+fp8train.fsdp._cast_shard = _counting_cast_shard
 _SELF = None  # a process group of this rank alone: the reference model syncs without collectives
 
 
@@ -193,11 +205,12 @@ def scenario_fsdp(rank: int, world: int) -> dict:
                 fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
             after = fp8train.precompute_float8_dynamic_scale_for_fsdp if precompute == "each step" else None
             ALL_REDUCE_CALLERS.clear()
+            CAST_CALLERS.clear()
             grads: dict = {}
             losses = train(model, data, dp, after, first_grads=grads)
             sd_types = {type(v.to_local() if isinstance(v, DTensor) else v).__name__ for v in model.state_dict().values()}
             runs[name] = {"losses": losses, "wrapped": wrapped, "grads": grads, "all_reduces": dict(ALL_REDUCE_CALLERS),
-                          "weights": full_weights(model), "fp8": fp8_buffers(model), "state_dict_types": sd_types}
+                          "casts": dict(CAST_CALLERS), "weights": full_weights(model), "fp8": fp8_buffers(model), "state_dict_types": sd_types}
         ref_grads: dict = {}
         runs["reference"] = {"losses": reference(recipe, data, ref_grads), "grads": ref_grads}
         out[recipe] = runs
@@ -254,11 +267,13 @@ def scenario_fsdp_tp(rank: int, world: int) -> dict:
         inputs = lambda x, y: (x.chunk(n)[dp_rank], y.chunk(n)[dp_rank], 1)  # noqa: E731
         fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
         ALL_REDUCE_CALLERS.clear()
+        CAST_CALLERS.clear()
         grads: dict = {}
         ref_grads: dict = {}
         losses = train(model, data, inputs, fp8train.precompute_float8_dynamic_scale_for_fsdp, first_grads=grads,
                        sync_group=mesh)  # delayed: amax MAX over the whole 2-D mesh, one all-reduce per dim
-        out[recipe] = {"losses": losses, "all_reduces": dict(ALL_REDUCE_CALLERS), "grads": grads,
+        out[recipe] = {"losses": losses, "all_reduces": dict(ALL_REDUCE_CALLERS), "casts": dict(CAST_CALLERS),
+                       "grads": grads,
                        "reference": reference(recipe, data, ref_grads), "reference_grads": ref_grads,
                        "fp8": fp8_buffers(model), "weights": full_weights(model),
                        "placements": str(model.blocks[0].w1.weight.placements),
