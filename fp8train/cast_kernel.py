@@ -20,6 +20,9 @@ round to nearest even), bit for bit (tested on GPU). A NaN element gives a NaN f
 infinite tile amax (Triton's max reductions drop NaN; an infinite amax makes the delayed-scaling
 sync skip the step just as a NaN one does).
 
+``cast_group`` casts a list of tensors, each with its own scale, in one launch (FSDP2's weight
+shards after an optimizer step: ``fp8train.fsdp``).
+
 The op is a ``torch.library.triton_op``, so ``torch.compile`` keeps it in the graph (no graph
 break) and launches the kernel from the compiled code; plain eager code launches the kernel
 directly (``launches_directly``: the op's eager dispatch added ~40 us of host time per call,

@@ -18,13 +18,16 @@ them in high precision). The gathered bytes share one tensorwise scale, identica
   the local shards, one MAX all-reduce per mesh dimension). A layer whose weight changed since
   (an optimizer step, an in-place edit, or no precompute at all) computes its amax with its own
   all-reduce in pre-all-gather: correct, only slower. The scale is the same as without fp8 all-gather (amax is exact), so
-  losses are bit-identical with and without it.
+  losses are bit-identical with and without it. The precompute also casts every shard (one
+  ``cast_kernel.cast_group`` launch on a GPU), and the step's all-gathers send those bytes: no
+  cast on FSDP2's all-gather path (``docs/PERF_NOTES.md`` entry 23).
 * delayed scaling: the layer's ``fp8_scale_weight``; the shard's amax is recorded into
   ``fp8_amax_weight`` and the sync's MAX all-reduce makes it the whole weight's. Before the first
   sync, the dynamic scale above.
 
 FSDP2 gathers a resharded weight again in backward: that all-gather reuses the forward's fp8 bytes
-(kept in between) when no optimizer step or in-place edit came between. On a GPU the shard is cast
+(kept in between, in training mode; FSDP2 all-gathers under ``no_grad``, so grad mode says nothing)
+when no optimizer step or in-place edit came between. On a GPU the shard is cast
 by ``fp8train.cast_kernel`` (cast + amax from one read) unless ``cast_kernel="torch"``; with delayed
 scaling one launch also folds the amax into the buffer and copies the stored scale (FSDP2 runs
 pre-all-gathers on the thread that issues the step, so each launch costs step time:
