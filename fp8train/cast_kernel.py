@@ -280,12 +280,12 @@ def _runs_on(device: torch.device) -> bool:
     return device.type == "cuda" and supports(device)
 
 
-_GROUP_META: dict[tuple[Any, ...], tuple[torch.Tensor, int]] = {}
+_GROUP_META: dict[tuple[Any, ...], tuple[torch.Tensor, int, int]] = {}
 
 
-def _group_meta(xs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """``(meta, tiles)`` of ``_cast_group_kernel`` for these tensors, uploaded once per set of
-    (address, size): FSDP2's shards keep their storage, so a training run uploads it once
+def _group_meta(xs: list[torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """``(meta, tiles, elements)`` of ``_cast_group_kernel`` for these tensors, uploaded once per set
+    of (address, size): FSDP2's shards keep their storage, so a training run uploads it once
     (``torch.tensor(..., device="cuda")`` from pageable memory waits for the GPU)."""
     key = (xs[0].device, tuple((x.data_ptr(), x.numel()) for x in xs))
     if key not in _GROUP_META:
@@ -299,7 +299,7 @@ def _group_meta(xs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
             tiles += -(-k // _GROUP_BLOCK)
             ends.append(tiles)
         host = [x.data_ptr() for x in xs] + numels + offsets + ends
-        _GROUP_META[key] = (torch.tensor(host, dtype=torch.int64, device=xs[0].device), tiles)
+        _GROUP_META[key] = (torch.tensor(host, dtype=torch.int64, device=xs[0].device), tiles, total)
     return _GROUP_META[key]
 
 
@@ -318,8 +318,8 @@ def cast_group(xs: list[torch.Tensor], scales: torch.Tensor, dtype: torch.dtype)
         fp8 tensors shaped like ``xs``, views of one buffer.
 
     Raises:
-        ValueError: tensors, scales or dtype the kernel does not take, or a context where
-            it cannot be launched directly (``launches_directly``).
+        ValueError: tensors, scales or dtype the kernel does not take, or a context where it cannot
+            be launched directly (``launches_directly``).
     """
     if not xs:
         return []
@@ -344,11 +344,12 @@ def cast_group(xs: list[torch.Tensor], scales: torch.Tensor, dtype: torch.dtype)
     if not launches_directly(scales, *xs):
         raise ValueError("cast_group: needs plain tensors in eager code (no tracing, no tensor subclasses)")
     scales = scales.contiguous()
-    flat = torch.empty(sum(x.numel() for x in xs), dtype=dtype, device=x0.device)
+    total = sum(x.numel() for x in xs)
+    flat = torch.empty(total, dtype=dtype, device=x0.device)
     out, start = [], 0
     for lo in range(0, len(xs), _GROUP_MAX):
         part = xs[lo:lo + _GROUP_MAX]
-        meta, tiles = _group_meta(part)
+        meta, tiles, elements = _group_meta(part)
         if tiles:
             _cast_group_kernel[(tiles,)](
                 meta, scales[lo:], part[0], flat[start:], len(part),

@@ -49,7 +49,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from fp8train.config import Float8LinearConfig, GemmInputRole, ScalingType
+from fp8train.config import Float8LinearConfig, GemmInputRole
 from fp8train.scaling import EPS, floor_pow2, fp8_max, tensor_amax
 
 __all__ = ["ROLES", "register_delayed_buffers", "record_amax", "sync_float8_amax_and_scale_history",
@@ -181,7 +181,7 @@ def _sync_group(layers: list[nn.Module], key: tuple[Any, ...], process_group: An
     amax_bufs, hist_bufs = _buffers(layers, "amax"), _buffers(layers, "amax_history")
     scale_bufs, count_bufs = _buffers(layers, "scale"), _buffers(layers, "nonfinite")
 
-    amax = _with_weight_shard_amax(layers, torch.stack(amax_bufs).view(n_layers, 3))
+    amax = torch.stack(amax_bufs).view(n_layers, 3)
     groups = _reduction_groups(process_group)
     if groups:
         # NaN under a MAX all-reduce is backend-dependent; inf is not, so every rank skips alike.
@@ -209,32 +209,6 @@ def _sync_group(layers: list[nn.Module], key: tuple[Any, ...], process_group: An
     torch._foreach_copy_(scale_bufs, list(scale.view(-1).unbind(0)))
     torch._foreach_copy_(count_bufs, list(counts.view(-1).unbind(0)))
     torch._foreach_zero_(amax_bufs)
-
-
-def _with_weight_shard_amax(layers: list[nn.Module], amax: torch.Tensor) -> torch.Tensor:
-    """``amax`` ``[layers, 3]`` with the weight column raised to the amax of each layer's local FSDP2
-    shard, for layers whose weights travel in fp8 (``enable_fsdp_float8_all_gather``): the weights
-    the step's forwards used are the ones here (the sync runs before the optimizer step), and the
-    MAX all-reduce that follows makes it the whole weight's. Their all-gathers may then send bytes
-    cast ahead of time (``precompute_float8_dynamic_scale_for_fsdp``) without recording anything;
-    a shard cast on the all-gather path records the same value, and max() is idempotent. One
-    ``_foreach_norm``, whatever the layer count."""
-    from fp8train.fsdp import Float8AllGatherWeight  # fp8train.fsdp imports this module
-
-    rows, shards = [], []
-    for i, m in enumerate(layers):
-        w = getattr(m, "weight", None)
-        local = w._local_tensor if isinstance(w, DTensor) else None
-        delayed_weight = m.config.cast_config_weight.scaling_type is ScalingType.DELAYED
-        if delayed_weight and isinstance(local, Float8AllGatherWeight) and local._tensor.numel():  # may be empty
-            rows.append(i)
-            shards.append(local._tensor)
-    if not shards:
-        return amax
-    norms = dict(zip(rows, (n.float() for n in torch._foreach_norm(shards, float("inf")))))
-    column = torch.stack([norms.get(i, amax[i, 1]) for i in range(len(layers))])
-    amax[:, 1] = torch.maximum(amax[:, 1], column)  # amax is torch.stack's new tensor, not the buffers
-    return amax
 
 
 def _reduction_groups(process_group: Any) -> list[Any]:

@@ -21,10 +21,9 @@ them in high precision). The gathered bytes share one tensorwise scale, identica
   losses are bit-identical with and without it. The precompute also casts every shard (one
   ``cast_kernel.cast_group`` launch on a GPU), and the step's all-gathers send those bytes: no
   cast on FSDP2's all-gather path (``docs/PERF_NOTES.md`` entry 23).
-* delayed scaling: the layer's ``fp8_scale_weight``. The sync takes the weight amax from the
-  local shards (``fp8train.delayed``) and its MAX all-reduce makes it the whole weight's; a shard
-  cast here also records it into ``fp8_amax_weight``. Before the first sync, the dynamic scale
-  above. Once synced, the precompute casts these shards ahead too.
+* delayed scaling: the layer's ``fp8_scale_weight``; the shard's amax is recorded into
+  ``fp8_amax_weight`` and the sync's MAX all-reduce makes it the whole weight's. Before the first
+  sync, the dynamic scale above.
 
 FSDP2 gathers a resharded weight again in backward: that all-gather reuses the forward's fp8 bytes
 (kept in between, in training mode; FSDP2 all-gathers under ``no_grad``, so grad mode says nothing)
@@ -377,18 +376,14 @@ def _index(rows: list[int], device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> int:
-    """Compute the fp8 all-gather scale of every dynamically scaled, FSDP2-sharded weight at once,
-    and cast every such shard (delayed-scaling ones too) to fp8 for the coming all-gathers.
+    """Compute the fp8 all-gather scale of every dynamically scaled, FSDP2-sharded weight at once.
 
     Call after each ``optimizer.step()`` (the Lightning callback does) when layers use
-    ``enable_fsdp_float8_all_gather=True``. Dynamic weight scaling: one ``_foreach_norm`` over the
-    local shards, one MAX all-reduce per dimension of the weights' device mesh, one vectorised
-    scale computation. Then every shard is cast with its scale (dynamic: that one; delayed, once
-    synced: the stored ``fp8_scale_weight``; its sync takes the weight's amax from the shards) in
-    one kernel launch per (shard dtype, fp8 dtype) on a GPU. A fixed
-    number of kernels whatever the layer count, and no host sync. The all-gathers until the next
-    optimizer step (forward, backward, every micro-batch) send those bytes; a weight modified after
-    this call falls back to casting its own (dynamic: with its own scale all-reduce).
+    ``enable_fsdp_float8_all_gather=True`` with dynamic weight scaling. One ``_foreach_norm`` over
+    the local shards, one MAX all-reduce per dimension of the weights' device mesh, one vectorised
+    scale computation: a fixed number of kernels whatever the layer count, and no host sync. The
+    next all-gathers of each weight use the result; a weight modified after this call falls back
+    to computing its own scale.
 
     Args:
         model: any module; its layers with ``Float8AllGatherWeight`` weights sharded by FSDP2
@@ -402,25 +397,17 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> int:
         >>> fp8train.precompute_float8_dynamic_scale_for_fsdp(model)
     """
     by_mesh: dict[Any, list[nn.Module]] = defaultdict(list)
-    delayed: list[nn.Module] = []
     for m in model.modules():
         config = getattr(m, "config", None)
         weight = getattr(m, "weight", None)
-        if not (isinstance(config, Float8LinearConfig) and isinstance(weight, DTensor)
-                and isinstance(weight._local_tensor, Float8AllGatherWeight)):
-            continue
-        if config.cast_config_weight.scaling_type is ScalingType.DYNAMIC:
+        if (
+            isinstance(config, Float8LinearConfig)
+            and isinstance(weight, DTensor)
+            and isinstance(weight._local_tensor, Float8AllGatherWeight)
+            and config.cast_config_weight.scaling_type is ScalingType.DYNAMIC
+        ):
             by_mesh[weight.device_mesh].append(m)
-        elif m.is_amax_initialized and type(m.fp8_scale_weight) is torch.Tensor:
-            # before its first sync a delayed layer casts with a dynamic scale; a scale buffer still a
-            # DTensor (stock TP styles before TP localizes it) takes the all-gather's own path
-            delayed.append(m)
     n = 0
-    if delayed:
-        # a copy of the stored scales (one stack): the sync rewrites the buffers in place
-        scales = torch.stack([m.fp8_scale_weight.reshape(()) for m in delayed]).to(torch.float32)
-        _precast(delayed, [m.weight._local_tensor for m in delayed], scales)
-        n += len(delayed)
     for mesh, layers in by_mesh.items():
         wrappers = [m.weight._local_tensor for m in layers]
         shards = [w._tensor for w in wrappers]
@@ -456,12 +443,11 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> int:
 
 
 def _precast(layers: list[nn.Module], wrappers: list[Float8AllGatherWeight], scales: torch.Tensor) -> None:
-    """Cast every shard to fp8 with ``scales`` now, for the next all-gathers (forward and backward,
-    every micro-batch) until the next optimizer step: one ``cast_kernel.cast_group`` launch per
-    (shard dtype, fp8 dtype) instead of one per weight on FSDP2's all-gather path, where each cost
-    ~50-100 us of host time (``docs/PERF_NOTES.md``, entry 23). Shards the kernel does not take
-    (CPU, ``cast_kernel="torch"``, non-contiguous) are cast one by one here instead. Records no
-    amax: delayed scaling's sync takes the weight amax from the shards themselves."""
+    """Cast every shard to fp8 with its precomputed scale now, for the next all-gathers (forward and
+    backward, every micro-batch) until the next optimizer step: one ``cast_kernel.cast_group``
+    launch per (shard dtype, fp8 dtype) instead of one per weight on FSDP2's all-gather path, where
+    each cost ~50-100 us of host time (``docs/PERF_NOTES.md``, entry 23). Shards the kernel does not
+    take (CPU, ``cast_kernel="torch"``, non-contiguous) are cast one by one here instead."""
     for w in wrappers:
         w._precast = None  # the previous step's bytes go before the new ones are allocated
     groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = defaultdict(list)

@@ -28,10 +28,10 @@ What the callback does, and when (Lightning 2.x hook order in ``Trainer.fit``)::
   ``on_before_optimizer_step``: Lightning calls it once per optimizer step, after the closure ran
   every micro-batch's backward (``accumulate_grad_batches > 1`` accumulates amax over the
   micro-batches and syncs once), and before the optimizer updates the weights.
-* **FSDP2 fp8 all-gather.** With ``enable_fsdp_float8_all_gather=True``,
-  ``fp8train.precompute_float8_dynamic_scale_for_fsdp`` runs at train start and after every
-  optimizer step (in ``on_train_batch_end`` of the batch that stepped), so each all-gather finds
-  its weight's scale and fp8 bytes ready (see ``fp8train.fsdp``).
+* **FSDP2 fp8 all-gather.** With ``enable_fsdp_float8_all_gather=True`` and dynamic weight
+  scaling, ``fp8train.precompute_float8_dynamic_scale_for_fsdp`` runs at train start and after
+  every optimizer step (in ``on_train_batch_end`` of the batch that stepped), so each all-gather
+  finds its weight's scale ready (see ``fp8train.fsdp``).
 * **Statistics** (``stats``) are sampled on *logging steps* only (every ``log_every_n_steps``
   optimizer steps, decided at the step's first micro-batch), so other steps run no extra kernel
   and no host sync. ``"summary"`` reads what already exists: the delayed-scaling buffers (this
@@ -396,7 +396,9 @@ class Float8Training(Callback):
         self._layers = [m for _, m in pairs]
         self._holder = nn.ModuleList(self._layers)
         self._has_delayed = any(m.config.has_delayed for m in self._layers)
-        self._precompute = any(m.config.enable_fsdp_float8_all_gather for m in self._layers)
+        self._precompute = any(m.config.enable_fsdp_float8_all_gather
+                               and m.config.cast_config_weight.scaling_type is ScalingType.DYNAMIC
+                               for m in self._layers)
         linears = {n for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)}
         skipped = {n: r for n, r in self._skipped.items() if n in linears and n not in self._names}
         fused = [n for n, m in pl_module.named_modules() if isinstance(m, Float8SwiGLU)]
@@ -595,7 +597,7 @@ class Float8Training(Callback):
         self._stepped = False
         self._batches_since_step = 0
         self._end_eager()  # the sync ran in on_before_optimizer_step
-        if self._precompute:  # the weights just changed: scales and bytes for the next FSDP2 fp8 all-gathers
+        if self._precompute:  # the weights just changed: scales for the next FSDP2 fp8 all-gathers
             precompute_float8_dynamic_scale_for_fsdp(self._holder)
         plan, self._plan = self._plan, None
         if plan is not None and (plan.log or plan.guard):

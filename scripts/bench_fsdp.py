@@ -17,8 +17,8 @@ for stay bf16; ``--no-auto-filter`` converts all of them), compiles each block, 
 app's ``fp8train.train.parallel.apply_fsdp2``: bf16 parameters all-gathered, fp32 gradient
 reduction; last block not resharded after forward), allocates this rank's shards
 (``materialize``), then runs fused-AdamW steps under bf16 autocast on random tokens (each rank its
-own). Delayed recipes sync amax once per step and ``+ag`` recipes run the fused precompute (dynamic
-scales; every shard cast to fp8) once per step, inside the timed region, as a real run does. After ``--warmup`` steps
+own). Delayed recipes sync amax once per step and ``+ag`` dynamic recipes run the fused scale
+precompute once per step, inside the timed region, as a real run does. After ``--warmup`` steps
 (compilation included) ``--steps`` steps are timed with CUDA events (the median step); the slowest rank's step time
 counts. Reported per GPU: tokens/s (this rank's batch x seq / step time), MFU against the bf16 dense
 peak for every case, peak memory (max over ranks). Rank 0 prints the table last and writes the raw
@@ -102,7 +102,7 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
     apply_fsdp2(model, mesh, "bf16-mixed")
     materialize(model, device)
     delayed = config is not None and config.has_delayed
-    precompute = config is not None and config.enable_fsdp_float8_all_gather
+    precompute = config is not None and config.enable_fsdp_float8_all_gather and not delayed
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     dp_rank = mesh["data_parallel"].get_local_rank()  # the ranks of a TP group share their tokens
     g = torch.Generator(device=device).manual_seed(1 + dp_rank)
