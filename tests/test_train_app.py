@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fp8train import Float8LinearConfig, recipe_names
 from fp8train.models.llama import LlamaConfig
 from fp8train.train import ConfigError, OptimConfig, RunSummary, lr_lambda, register_configs
-from fp8train.train.app import fp8_config, model_config
+from fp8train.train.app import _uses_fsdp2, fp8_config, model_config
 from fp8train.train.schema import Fp8Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +146,26 @@ def test_fp8_overrides_reach_float8_linear_config():
     assert fp8_config(_compose(["fp8.overrides.cast_kernel=torch"]), cpu=False).cast_kernel == "torch"
     assert fp8_config(_compose(["fp8=rowwise"]), cpu=True).emulate is True  # CPU default
     assert fp8_config(_compose(["fp8=rowwise"]), cpu=False).emulate is False
+
+
+def test_fsdp2_all_gathers_tensorwise_weights_in_fp8_by_default():
+    """trainer=fsdp2: fp8 all-gather on for recipes with tensorwise weight casts (bit-identical and
+    faster), off where the config rejects it (axiswise, MX weights) and wherever the user said so."""
+    fsdp2 = _compose(["trainer=fsdp2"])
+    assert _uses_fsdp2(fsdp2.trainer) and not _uses_fsdp2(_compose([]).trainer)
+    assert not _uses_fsdp2(_compose(["trainer=ddp"]).trainer)
+    for recipe in ("tensorwise", "delayed"):
+        cfg = _compose(["trainer=fsdp2", f"fp8={recipe}"])
+        assert fp8_config(cfg, cpu=True, fsdp2=True).enable_fsdp_float8_all_gather is True
+        assert fp8_config(cfg, cpu=True, fsdp2=False).enable_fsdp_float8_all_gather is False
+        off = _compose(["trainer=fsdp2", f"fp8={recipe}", "fp8.overrides.enable_fsdp_float8_all_gather=false"])
+        assert fp8_config(off, cpu=True, fsdp2=True).enable_fsdp_float8_all_gather is False
+    for recipe in ("rowwise", "rowwise_with_gw_hp", "mxfp8"):
+        cfg = _compose(["trainer=fsdp2", f"fp8={recipe}"])
+        assert fp8_config(cfg, cpu=True, fsdp2=True).enable_fsdp_float8_all_gather is False
+    with pytest.raises(ConfigError, match="enable_fsdp_float8_all_gather"):  # asked for where it cannot work
+        fp8_config(_compose(["fp8=rowwise", "fp8.overrides.enable_fsdp_float8_all_gather=true"]), cpu=True,
+                   fsdp2=True)
 
 
 def test_fp8_auto_filter_reaches_the_callback():
@@ -316,9 +336,9 @@ def test_bad_settings_fail_before_training(tmp_path, overrides, rc, words):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "strategy,fp8",
-    [("ddp", ["fp8=delayed"]), ("fsdp2", ["fp8=delayed"]),
-     ("fsdp2", ["fp8=tensorwise", "fp8.overrides.enable_fsdp_float8_all_gather=true"])],
-    ids=["ddp", "fsdp2", "fsdp2_fp8_all_gather"],
+    [("ddp", ["fp8=delayed"]), ("fsdp2", ["fp8=delayed", "fp8.overrides.enable_fsdp_float8_all_gather=false"]),
+     ("fsdp2", ["fp8=tensorwise"])],
+    ids=["ddp", "fsdp2_bf16_all_gather", "fsdp2_fp8_all_gather_by_default"],
 )
 def test_torchrun_two_cpu_ranks(tmp_path, strategy, fp8):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -330,5 +350,5 @@ def test_torchrun_two_cpu_ranks(tmp_path, strategy, fp8):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["world_size"] == 2 and s["steps"] == 3 and s["fp8_layers"] == 14
     # fp8 all-gather: every converted layer's weight is FSDP2-sharded and travels in fp8
-    assert s["fp8_all_gather_layers"] == (14 if "fp8.overrides.enable_fsdp_float8_all_gather=true" in fp8 else 0)
+    assert s["fp8_all_gather_layers"] == (14 if fp8 == ["fp8=tensorwise"] else 0)  # the fsdp2 default
     assert s["tokens"] == 3 * 2 * 2 * 64 and math.isfinite(s["val_loss"])
