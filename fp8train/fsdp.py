@@ -16,7 +16,8 @@ them in high precision). The gathered bytes share one tensorwise scale, identica
 * dynamic scaling: ``fp8_max / amax(whole weight)``. ``precompute_float8_dynamic_scale_for_fsdp``
   computes it for every layer in one fused step after the optimizer step (one ``_foreach_norm`` of
   the local shards, one MAX all-reduce per mesh dimension). A layer whose weight changed since
-  (an optimizer step, an in-place edit, or no precompute at all) computes its amax with its own
+  (an optimizer step, an in-place edit, ``load_state_dict``, or no precompute at all: ``_stamp``)
+  computes its amax with its own
   all-reduce in pre-all-gather: correct, only slower. The scale is the same as without fp8 all-gather (amax is exact), so
   losses are bit-identical with and without it. The precompute also casts every shard (one
   ``cast_kernel.cast_group`` launch on a GPU), and the step's all-gathers send those bytes: no
@@ -93,7 +94,7 @@ class Float8AllGatherWeight(torch.Tensor):
 
     _tensor: torch.Tensor
     _precomputed_scale: torch.Tensor | None
-    _precomputed_at: tuple[int, int]  # (optimizer steps, weight version) when it was computed
+    _precomputed_at: tuple[int, ...]  # _stamp() when it was computed
     _forward_cast: tuple[tuple[int, int], Any] | None  # ((optimizer steps, weight version), pre-all-gather result)
     _precast: tuple[tuple[int, int], Any] | None  # the same, cast by precompute_float8_dynamic_scale_for_fsdp
 
@@ -112,7 +113,7 @@ class Float8AllGatherWeight(torch.Tensor):
         self._tensor = tensor
         _STEPS.watch()
         self._precomputed_scale = None
-        self._precomputed_at = (-1, -1)
+        self._precomputed_at = ()
         self._forward_cast = None
         self._precast = None
         return self
@@ -166,13 +167,15 @@ class Float8AllGatherWeight(torch.Tensor):
         element of the shard) when no optimizer step and no in-place edit of the weight came
         between; any other call casts afresh. After ``precompute_float8_dynamic_scale_for_fsdp``,
         both take the bytes it cast (``_precast``)."""
-        now = (_STEPS.count, self._version)
+        now = _stamp(self, module)
         rows = -(-outer_size[0] // mesh.size())  # FSDP2 pads every shard to the first one's rows
-        if self._precast is not None and self._precast[0] == now:
-            (data,), metadata = self._precast[1]
-            if data.is_cuda:  # allocated on the compute stream, read by FSDP2's copy-in stream
-                data.record_stream(torch.cuda.current_stream(data.device))
-            return (_pad_rows(data, rows),), metadata
+        if self._precast is not None:
+            if self._precast[0] == now:
+                (data,), metadata = self._precast[1]
+                if data.is_cuda:  # allocated on the compute stream, read by FSDP2's copy-in stream
+                    data.record_stream(torch.cuda.current_stream(data.device))
+                return (_pad_rows(data, rows),), metadata
+            self._precast = None  # stale: the weight changed since the precompute
         in_backward = torch._C._current_graph_task_id() != -1
         if in_backward and self._forward_cast is not None:
             cached_at, result = self._forward_cast
@@ -274,6 +277,25 @@ class _StepCounter:
 _STEPS = _StepCounter()
 
 
+def _stamp(weight: Float8AllGatherWeight, module: nn.Module) -> tuple[int, ...]:
+    """What a precomputed scale or cast of ``weight`` is valid for: the optimizer steps taken and the
+    version counters of the wrapper, the tensor it wraps and the module's parameter (under FSDP2 a
+    DTensor around the wrapper: an in-place edit or ``load_state_dict`` through it bumps only its
+    own counter). Writes through ``.data`` bump none; ``load_state_dict`` also drops the caches
+    (``_drop_caches``)."""
+    param = getattr(module, "weight", None)
+    return _STEPS.count, weight._version, weight._tensor._version, -1 if param is None else param._version
+
+
+def _drop_caches(module: nn.Module, incompatible_keys: Any = None) -> None:
+    """Forget precomputed scales and fp8 bytes of ``module``'s weight (a load_state_dict post-hook:
+    a raw ``torch.distributed.checkpoint.load`` into the state dict's tensors bumps no counter)."""
+    local = _local(module.weight)
+    if isinstance(local, Float8AllGatherWeight):
+        local._precomputed_scale, local._precomputed_at = None, ()
+        local._precast = local._forward_cast = None
+
+
 @torch.no_grad()
 def _weight_scale(weight: Float8AllGatherWeight, mesh: Any, module: nn.Module) -> tuple[torch.Tensor, bool]:
     """The whole weight's scale for this all-gather, and whether it is the layer's stored
@@ -284,7 +306,7 @@ def _weight_scale(weight: Float8AllGatherWeight, mesh: Any, module: nn.Module) -
     if cast.scaling_type is ScalingType.DELAYED:
         if module.is_amax_initialized:
             return module.fp8_scale_weight, True
-    elif weight._precomputed_scale is not None and weight._precomputed_at == (_STEPS.count, weight._version):
+    elif weight._precomputed_scale is not None and weight._precomputed_at == _stamp(weight, module):
         return weight._precomputed_scale, False
     amax = tensor_amax(shard) if shard.numel() else torch.zeros((), device=shard.device)
     dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
@@ -360,6 +382,7 @@ def enable_float8_all_gather(module: nn.Module) -> None:
     module.weight = nn.Parameter(Float8AllGatherWeight(weight.data), requires_grad=weight.requires_grad)
     if not getattr(module, "_fp8train_plain_state_dict", False):
         module.register_state_dict_post_hook(_plain_state_dict_hook)
+        module.register_load_state_dict_post_hook(_drop_caches)
         module._fp8train_plain_state_dict = True
 
 
@@ -436,7 +459,7 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> int:
                 scales[idx] = amax_to_scale(amax[idx], *key)
         for w, s in zip(wrappers, scales.unbind(0)):
             w._precomputed_scale = s
-            w._precomputed_at = (_STEPS.count, w._version)
+            w._precomputed_at = _stamp(w, m)
         _precast(layers, wrappers, scales)
         n += len(layers)
     return n
@@ -469,5 +492,5 @@ def _precast(layers: list[nn.Module], wrappers: list[Float8AllGatherWeight], sca
                               m.config.cast_kernel)[0]
     for i, (m, w, s) in enumerate(zip(layers, wrappers, scales.unbind(0))):
         metadata = (s, m.config.cast_config_weight.target_dtype, m.linear_mm_config)
-        w._precast = ((_STEPS.count, w._version), ((data[i].view(torch.uint8),), metadata))
+        w._precast = (_stamp(w, m), ((data[i].view(torch.uint8),), metadata))
 

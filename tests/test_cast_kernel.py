@@ -274,8 +274,8 @@ def test_precast_shards_equal_a_fresh_cast_on_gpu():
     layers = [fp8train.Float8Linear(k, n, bias=False, config=cfg).cuda() for k, n in ((64, 48), (300, 7), (128, 256))]
     wrappers = [m.weight for m in layers]
     scales = torch.tensor([3.0, 40.0, 0.25], device="cuda")
-    for w, s in zip(wrappers, scales):
-        w._precomputed_scale, w._precomputed_at = s, (fsdp._STEPS.count, w._version)
+    for w, m, s in zip(wrappers, layers, scales):
+        w._precomputed_scale, w._precomputed_at = s, fsdp._stamp(w, m)
     fresh = [w.fsdp_pre_all_gather(_OneRankMesh(), w.shape, w.stride(), m, None) for w, m in zip(wrappers, layers)]
     fsdp._precast(layers, wrappers, scales)
     for w, m, (data, meta) in zip(wrappers, layers, fresh):
@@ -447,7 +447,7 @@ def _gather_shard(recipe: str, kernel: str, training: bool, device: str = "cpu")
     """One fp8 pre-all-gather of a fresh layer's weight: ``(bytes, metadata scale, amax buffer)``.
     Delayed: stored scale 32 (the buffer then overwritten, as the sync would); tensorwise:
     precomputed scale 32."""
-    from fp8train.fsdp import _STEPS
+    from fp8train.fsdp import _stamp
 
     torch.manual_seed(0)
     cfg = Float8LinearConfig.from_recipe_name(recipe, enable_fsdp_float8_all_gather=True, cast_kernel=kernel)
@@ -458,7 +458,7 @@ def _gather_shard(recipe: str, kernel: str, training: bool, device: str = "cpu")
         lin.fp8_scale_weight.fill_(32.0)
     else:
         w._precomputed_scale = torch.tensor(32.0, device=device)
-        w._precomputed_at = (_STEPS.count, w._version)
+        w._precomputed_at = _stamp(w, lin)
     (data,), (scale, dtype, _) = w.fsdp_pre_all_gather(_OneRankMesh(), w.shape, w.stride(), lin, None)
     if recipe == "delayed":  # the metadata's scale is a copy: the sync rewrites the buffer in place
         assert scale is not lin.fp8_scale_weight and scale.data_ptr() != lin.fp8_scale_weight.data_ptr()
@@ -553,8 +553,8 @@ def test_precast_groups_shards_per_dtype_and_casts_the_rest_one_by_one(monkeypat
     layers[3].weight._tensor = layers[3].weight._tensor.to(torch.bfloat16)
     wrappers = [m.weight for m in layers]
     scales = torch.tensor([2.0, 3.0, 4.0, 5.0])
-    for w, s in zip(wrappers, scales):
-        w._precomputed_scale, w._precomputed_at = s, (fsdp._STEPS.count, w._version)
+    for w, m, s in zip(wrappers, layers, scales):
+        w._precomputed_scale, w._precomputed_at = s, fsdp._stamp(w, m)
     casts = []
     real = fsdp._cast_shard
     monkeypatch.setattr(fsdp, "_cast_shard", lambda *a, **k: casts.append(a[4]) or real(*a, **k))
@@ -572,7 +572,7 @@ def test_precast_groups_shards_per_dtype_and_casts_the_rest_one_by_one(monkeypat
         dtype = m.config.cast_config_weight.target_dtype
         (data,), (scale, got_dtype, _) = gather(i)
         assert torch.equal(data, saturated_cast(w._tensor, s, dtype).view(torch.uint8)) and scale == s
-        assert got_dtype == dtype and gather(i)[0][0] is data  # backward: the same bytes
+        assert got_dtype == dtype and gather(i)[0][0] is data  # a second all-gather (backward): the same bytes
     assert casts == ["torch"]  # no cast on the all-gather path
     with torch.no_grad():
         wrappers[0].mul_(2.0)

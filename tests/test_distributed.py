@@ -163,6 +163,16 @@ def test_dcp_round_trip_resumes_identically(tmp_path):
 
 
 @pytest.mark.slow
+def test_weights_edited_after_the_precompute_are_the_ones_gathered(tmp_path):
+    """The fused precompute caches each shard's fp8 bytes until the next optimizer step; an in-place
+    edit through the FSDP2 parameter, load_state_dict, set_model_state_dict after a DCP load or an
+    nn.init must invalidate them (seen wrong before: the forward used the pre-edit weights)."""
+    for rank in _launch("edits", tmp_path):
+        for edit, r in rank.items():
+            assert r["same"], (edit, r["diff"])
+
+
+@pytest.mark.slow
 def test_lightning_model_parallel_tp_x_fsdp_resumes_from_sharded_checkpoint_identically(tmp_path):
     # configure_model: Float8Training.convert -> parallelize_module (fp8train.tp) -> fully_shard;
     # ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2), fp8 all-gather on

@@ -174,7 +174,7 @@ def test_pre_all_gather_pads_uneven_shards_and_post_all_gather_rebuilds_the_weig
 
 
 def test_precomputed_scale_is_used_until_an_optimizer_step_or_an_in_place_edit():
-    from fp8train.fsdp import _STEPS
+    from fp8train.fsdp import _stamp
 
     cfg = Float8LinearConfig(enable_fsdp_float8_all_gather=True)
     lin = Float8Linear(32, 32, bias=False, config=cfg)
@@ -182,7 +182,7 @@ def test_precomputed_scale_is_used_until_an_optimizer_step_or_an_in_place_edit()
 
     def precompute() -> None:  # what precompute_float8_dynamic_scale_for_fsdp stores
         shard._precomputed_scale = torch.tensor(8.0)
-        shard._precomputed_at = (_STEPS.count, shard._version)
+        shard._precomputed_at = _stamp(shard, lin)
 
     def gather_scale() -> torch.Tensor:
         return shard.fsdp_pre_all_gather(_FakeMesh(2), shard.shape, shard.stride(), lin, None)[1][0]

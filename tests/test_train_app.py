@@ -163,6 +163,10 @@ def test_fsdp2_all_gathers_tensorwise_weights_in_fp8_by_default():
     for recipe in ("rowwise", "rowwise_with_gw_hp", "mxfp8"):
         cfg = _compose(["trainer=fsdp2", f"fp8={recipe}"])
         assert fp8_config(cfg, cpu=True, fsdp2=True).enable_fsdp_float8_all_gather is False
+    # grad_input casting the weight differently would round it twice from the gathered fp8 copy
+    e5 = _compose(["trainer=fsdp2", "fp8=tensorwise",
+                   "fp8.overrides.cast_config_weight_for_grad_input={target_dtype: e5m2}"])
+    assert fp8_config(e5, cpu=True, fsdp2=True).enable_fsdp_float8_all_gather is False
     with pytest.raises(ConfigError, match="enable_fsdp_float8_all_gather"):  # asked for where it cannot work
         fp8_config(_compose(["fp8=rowwise", "fp8.overrides.enable_fsdp_float8_all_gather=true"]), cpu=True,
                    fsdp2=True)

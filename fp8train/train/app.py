@@ -67,7 +67,8 @@ def fp8_config(cfg: DictConfig, cpu: bool, fsdp2: bool = False) -> Float8LinearC
     fp8 training is tested for on CPU) are the same. ``fp8.overrides.emulate=false`` forces it.
 
     Under FSDP2 (``fsdp2``: ``trainer=fsdp2``) ``enable_fsdp_float8_all_gather`` defaults to True
-    for recipes whose weights are cast tensorwise (``tensorwise``, ``delayed``): the same losses to
+    for recipes whose weights are cast tensorwise (``tensorwise``, ``delayed``; not where the grad_input
+    GEMM casts the weight differently, which would round it twice): the same losses to
     the bit, half the all-gather bytes of bf16, and faster (docs/BENCHMARKS.md: 2 x H200, 1.2B
     Llama, tensorwise 1.25-1.27x bf16 with it, 1.21-1.23x without).
     ``fp8.overrides.enable_fsdp_float8_all_gather=false`` turns it off.
@@ -83,8 +84,10 @@ def fp8_config(cfg: DictConfig, cpu: bool, fsdp2: bool = False) -> Float8LinearC
     except (TypeError, ValueError) as e:  # TypeError: a nested dict with an unknown field
         raise ConfigError(f"fp8.overrides: {e}") from None
     weight = config.cast_config_weight
+    # not where grad_input casts the weight differently: it would re-cast the gathered fp8 copy
+    # (rounded twice), so the default would change the numbers
     if (fsdp2 and "enable_fsdp_float8_all_gather" not in overrides and weight.enabled and not weight.axiswise
-            and not weight.mx):
+            and not weight.mx and config.weight_for_grad_input == weight):
         config = replace(config, enable_fsdp_float8_all_gather=True)
     return config
 

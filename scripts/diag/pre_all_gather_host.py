@@ -30,7 +30,7 @@ import torch
 
 import fp8train
 from fp8train import cast_kernel
-from fp8train.fsdp import _STEPS, _precast
+from fp8train.fsdp import _precast, _stamp
 
 
 class _OneRank:
@@ -52,7 +52,7 @@ def _layer(recipe: str, rows: int, cols: int, kernel: str) -> fp8train.Float8Lin
         lin.is_amax_initialized = True
         lin.fp8_scale_weight.fill_(32.0)
     else:
-        w._precomputed_scale, w._precomputed_at = torch.tensor(32.0, device="cuda"), (_STEPS.count, w._version)
+        w._precomputed_scale, w._precomputed_at = torch.tensor(32.0, device="cuda"), _stamp(w, lin)
     return lin
 
 

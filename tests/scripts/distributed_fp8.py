@@ -320,6 +320,47 @@ def scenario_dcp(rank: int, world: int, out_dir: str) -> dict:
     return out
 
 
+def scenario_edits(rank: int, world: int, out_dir: str) -> dict:
+    """Weights changed after the fused precompute, other than by an optimizer step: the next
+    forward must use the new weights. Per edit, the output with fp8 all-gather against the same
+    model with bf16 all-gather (bit-identical whenever both see the same weights)."""
+    mesh = init_device_mesh("cpu", (world,))
+    x = batches(1)[0][0].chunk(world)[rank]
+    out: dict = {}
+    for edit in ("none", "mul_", "load_state_dict", "set_model_state_dict", "dcp_load", "init"):
+        outputs = {}
+        for all_gather in (False, True):
+            model = build("tensorwise", all_gather)
+            shard_fsdp(model, mesh)
+            opt = torch.optim.AdamW(model.parameters(), lr=LR)
+            F.mse_loss(model(x), x).backward()
+            opt.step()
+            fp8train.precompute_float8_dynamic_scale_for_fsdp(model)  # scales and fp8 bytes cached
+            with torch.no_grad():
+                if edit == "mul_":
+                    for p in model.parameters():
+                        p.mul_(-0.5)
+                elif edit == "load_state_dict":
+                    model.load_state_dict({k: v * -0.5 for k, v in model.state_dict().items()})
+                elif edit == "set_model_state_dict":
+                    set_model_state_dict(model, {k: v * -0.5 for k, v in get_model_state_dict(model).items()})
+                elif edit == "dcp_load":  # what resuming from a sharded checkpoint does
+                    path = os.path.join(out_dir, f"edits_{all_gather}")
+                    dcp.save({"model": {k: v * -0.5 for k, v in get_model_state_dict(model).items()}},
+                             checkpoint_id=path)
+                    state = {"model": get_model_state_dict(model)}
+                    dcp.load(state, checkpoint_id=path)
+                    set_model_state_dict(model, state["model"])
+                elif edit == "init":
+                    torch.manual_seed(7)
+                    for p in model.parameters():
+                        nn.init.normal_(p)
+                outputs[all_gather] = model(x)
+        out[edit] = {"same": torch.equal(outputs[True], outputs[False]),
+                     "diff": (outputs[True] - outputs[False]).abs().max().item()}
+    return out
+
+
 def main(scenario: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -329,8 +370,8 @@ def main(scenario: str, out_dir: str) -> None:
         group = dist.new_group([r])
         if r == rank:
             _SELF = group
-    if scenario == "dcp":
-        result = scenario_dcp(rank, world, out_dir)
+    if scenario in ("dcp", "edits"):
+        result = {"dcp": scenario_dcp, "edits": scenario_edits}[scenario](rank, world, out_dir)
     else:
         result = {"fsdp": scenario_fsdp, "tp": scenario_tp, "fsdp_tp": scenario_fsdp_tp}[scenario](rank, world)
     torch.save(result, os.path.join(out_dir, f"{scenario}_rank{rank}.pt"))

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from distributed_fp8 import Model, tp_plan  # noqa: E402
 
 from fp8train import Float8LinearConfig  # noqa: E402
-from fp8train.fsdp import _STEPS, Float8AllGatherWeight  # noqa: E402
+from fp8train.fsdp import Float8AllGatherWeight, _stamp  # noqa: E402
 from fp8train.lightning import Float8Training  # noqa: E402
 
 STEPS_PER_EPOCH = 3
@@ -103,7 +103,8 @@ def fit(root: str, recipe: str, dp: int, tp: int, epochs: int, ckpt_path: str | 
     local = module.model.blocks[0].w1.weight._local_tensor  # the object FSDP2 calls (to_local() is a view)
     wrapped = isinstance(local, Float8AllGatherWeight)
     # the callback's precompute after the last optimizer step left a scale the next all-gather would use
-    ready = wrapped and local._precomputed_scale is not None and local._precomputed_at == (_STEPS.count, local._version)
+    ready = (wrapped and local._precomputed_scale is not None
+             and local._precomputed_at == _stamp(local, module.model.blocks[0].w1))
     return {"losses": module.losses, "state": full_state(module), "start": start.state, "wrapped": wrapped,
             "precomputed_scale_ready": ready}
 
