@@ -145,12 +145,14 @@ def run_case(name: str, cfg: LlamaConfig, args: argparse.Namespace, mesh, device
 
 
 def print_table(title: str, results: dict[str, dict[str, Any]]) -> None:
-    """``case  tok/s  speedup  MFU  peak GiB  fp8 layers``; speedup relative to the bf16 case."""
-    ref = results["bf16"]["tokens_per_s"] if "bf16" in results else float("nan")
+    """``case  tok/s  speedup  MFU  peak GiB  fp8 layers``; speedup relative to the bf16 case ("n/a"
+    when ``--cases`` has none)."""
+    ref = results["bf16"]["tokens_per_s"] if "bf16" in results else None
     print(f"\n{title}")
     print(f"{'case':>16} {'tok/s/GPU':>10} {'speedup':>8} {'MFU':>6} {'peak GiB':>9} {'fp8 layers':>10}")
     for name, r in results.items():
-        print(f"{name:>16} {r['tokens_per_s']:10.0f} {r['tokens_per_s'] / ref:7.2f}x {r['mfu_bf16_peak']:6.3f} "
+        speedup = f"{r['tokens_per_s'] / ref:7.2f}x" if ref else f"{'n/a':>8}"
+        print(f"{name:>16} {r['tokens_per_s']:10.0f} {speedup} {r['mfu_bf16_peak']:6.3f} "
               f"{r['peak_mem_gib']:9.1f} {r['fp8_layers']:10d}")
 
 

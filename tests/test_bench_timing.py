@@ -60,3 +60,16 @@ def test_bench_fsdp_cases_parse_their_suffixes():
     assert not case_config("tensorwise+unfused", cpu=True).enable_fsdp_float8_all_gather
     with pytest.raises(ValueError, match=r"suffixes are '\+ag' .* and '\+unfused'"):
         case_config("tensorwise+fast", cpu=True)
+
+
+def test_fsdp_table_speedups_are_against_bf16_or_say_none(capsys):
+    """bench_fsdp's table: speedup = tok/s over the bf16 case's; "n/a" without a bf16 case."""
+    from bench_fsdp import print_table
+
+    row = {"tokens_per_s": 100.0, "mfu_bf16_peak": 0.5, "peak_mem_gib": 1.0, "fp8_layers": 3}
+    print_table("t", {"bf16": row, "delayed": dict(row, tokens_per_s=130.0)})
+    lines = capsys.readouterr().out.splitlines()
+    assert "1.00x" in lines[-2] and "1.30x" in lines[-1]
+    print_table("t", {"delayed": row})
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "n/a" in last and "nan" not in last
