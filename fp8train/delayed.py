@@ -40,8 +40,11 @@ the eager steps need more memory than compiled ones.
 from __future__ import annotations
 
 import contextlib
+import operator
+import weakref
 from collections import defaultdict
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -49,6 +52,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from fp8train import cast_kernel, sync_kernel
 from fp8train.config import Float8LinearConfig, GemmInputRole
 from fp8train.scaling import EPS, floor_pow2, fp8_max, tensor_amax
 
@@ -89,10 +93,25 @@ def record_amax(amax_buffer: torch.Tensor, x: torch.Tensor) -> None:
     amax_buffer.copy_(torch.maximum(amax_buffer, new))
 
 
-def _delayed_layers(model: nn.Module) -> Iterable[nn.Module]:
-    for m in model.modules():
-        if getattr(m, "is_amax_initialized", None) is not None and hasattr(m, "fp8_amax_history_input"):
-            yield m
+def _is_delayed(m: nn.Module) -> bool:
+    # instance-dict and buffer-dict lookups: getattr on a module without the attribute raises
+    # inside nn.Module.__getattr__, ~20x slower, and the sync asks this of every module every step
+    return m.__dict__.get("is_amax_initialized") is not None and "fp8_amax_history_input" in m._buffers
+
+
+def _delayed_layers(model: nn.Module) -> list[nn.Module]:
+    """Delayed-scaling layers of ``model`` in ``model.modules()`` order (an explicit walk: half the
+    host time of ``modules()``, paid at every sync)."""
+    out, seen, stack = [], set(), [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if _is_delayed(m):
+            out.append(m)
+        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return out
 
 
 def _group_key(cfg: Float8LinearConfig) -> tuple[Any, ...]:
@@ -107,8 +126,79 @@ def _local(t: Any) -> Any:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _buffers(layers: list[nn.Module], kind: str) -> list[torch.Tensor]:
-    return [_local(getattr(m, f"fp8_{kind}_{r}")) for m in layers for r in ROLES]
+# a layer's state buffers, kind-major: fp8_amax_input, fp8_amax_weight, ..., fp8_nonfinite_grad_output
+_NAMES = tuple(f"fp8_{kind}_{r}" for kind in _STATE for r in ROLES)
+
+
+@dataclass
+class _Group:
+    """Layers of one sync configuration (indices into the plan's layers) and their state buffers,
+    row ``3 * layer + role`` of each kind."""
+
+    key: tuple[Any, ...]
+    index: list[int]
+    bufs: dict[str, list[torch.Tensor]]
+    kernel: bool  # fp8train.sync_kernel can update them (plain CUDA tensors on one device with Triton)
+    meta: torch.Tensor | None = None  # the kernel's table of buffer addresses, uploaded at first use
+
+
+@dataclass
+class _Plan:
+    """What the sync of one model works on, kept between steps while it still describes the model:
+    the same delayed layers (held weakly: the plan lives as long as the model), configs, and buffer
+    storage (checked by address every step)."""
+
+    layers: list[weakref.ref[nn.Module]]
+    configs: list[Float8LinearConfig]
+    addresses: list[int]
+    groups: list[_Group] = field(default_factory=list)
+
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, _Plan]" = weakref.WeakKeyDictionary()
+
+
+_STATE_BUFFERS = operator.itemgetter(*_NAMES)
+
+
+def _addresses(layers: list[nn.Module]) -> list[int]:
+    # a DTensor's own data_ptr() is 0: its local tensor holds the state
+    return [(b._local_tensor if type(b) is DTensor else b).data_ptr() for m in layers for b in _STATE_BUFFERS(m._buffers)]
+
+
+def _plain_cuda(bufs: list[torch.Tensor]) -> bool:
+    dev = bufs[0].device
+    return (dev.type == "cuda" and cast_kernel.supports(dev) and all(b.device == dev for b in bufs)
+            and cast_kernel.launches_directly(*bufs))
+
+
+def _plan(model: nn.Module, layers: list[nn.Module]) -> _Plan:
+    """The sync's plan for ``model`` with delayed ``layers``: rebuilt when a layer, its config or a
+    buffer's storage changed (``model.to()``, ``load_state_dict(assign=True)``, a layer converted
+    or its buffers re-registered), else reused, so that a step's sync does not look up 12 buffers per
+    layer by name."""
+    configs = [m.config for m in layers]
+    addresses = _addresses(layers)
+    plan = _PLANS.get(model)
+    if (plan is not None and len(plan.layers) == len(layers) and all(r() is m for r, m in zip(plan.layers, layers))
+            and all(map(operator.is_, plan.configs, configs)) and plan.addresses == addresses):
+        return plan
+    plan = _Plan([weakref.ref(m) for m in layers], configs, addresses, _groups(layers, kernel=True))
+    _PLANS[model] = plan
+    return plan
+
+
+def _groups(layers: list[nn.Module], kernel: bool = False) -> list[_Group]:
+    """``layers`` grouped by sync configuration, with their buffers (and whether ``sync_kernel``
+    may update them, when ``kernel``)."""
+    by_key: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    for i, m in enumerate(layers):
+        by_key[_group_key(m.config)].append(i)
+    groups = []
+    for key, index in by_key.items():
+        bufs = {kind: [_local(layers[i]._buffers[f"fp8_{kind}_{r}"]) for i in index for r in ROLES]
+                for kind in _STATE}
+        groups.append(_Group(key, index, bufs, kernel and _plain_cuda([b for kind in _STATE for b in bufs[kind]])))
+    return groups
 
 
 @torch.no_grad()
@@ -121,14 +211,24 @@ def sync_float8_amax_and_scale_history(model: nn.Module, process_group: Any = No
     ``ProcessGroup``, or a ``DeviceMesh`` for all of its ranks), so every rank ends with identical
     scales: those of the whole tensor, however it is split across data-, FSDP- and
     tensor-parallel ranks (see the module docstring).
+
+    On a CUDA device with Triton the whole update is one kernel launch for all layers of a
+    configuration (``fp8train.sync_kernel``; two around the all-reduce); elsewhere a fixed number
+    of torch ops, whatever the layer count.
     """
-    groups: dict[tuple[Any, ...], list[nn.Module]] = defaultdict(list)
-    for m in _delayed_layers(model):
-        groups[_group_key(m.config)].append(m)
-    for key, layers in groups.items():
-        _sync_group(layers, key, process_group)
-        for m in layers:
-            m.is_amax_initialized = True
+    layers = _delayed_layers(model)
+    if not layers:
+        return
+    reduce_over = _reduction_groups(process_group)
+    # traced (torch.compile, make_fx, fake tensors): no addresses to check or cache, plain torch ops
+    groups = _plan(model, layers).groups if cast_kernel.launches_directly() else _groups(layers)
+    for group in groups:
+        if group.kernel:
+            _sync_group_kernel(group, reduce_over)
+        else:
+            _sync_group(group.key, reduce_over, group.bufs)
+        for i in group.index:
+            layers[i].is_amax_initialized = True
 
 
 def delayed_scales_pending(model: nn.Module) -> bool:
@@ -175,18 +275,33 @@ def _fp8_maxes(dtypes: tuple[torch.dtype, ...], device: torch.device) -> torch.T
     return _MAXES[key]
 
 
-def _sync_group(layers: list[nn.Module], key: tuple[Any, ...], process_group: Any) -> None:
+def _sync_group_kernel(group: _Group, reduce_over: list[Any]) -> None:
+    history_len, algo, margin, pow2, dtypes = group.key
+    if group.meta is None:  # uploaded once per plan (from pageable memory: the host waits for it once)
+        host = [b.data_ptr() for kind in _STATE for b in group.bufs[kind]]
+        group.meta = torch.tensor(host, dtype=torch.int64, device=group.bufs["amax"][0].device)
+    rows = len(group.bufs["amax"])
+    reduced = None
+    if reduce_over:
+        reduced = torch.empty(rows, dtype=torch.float32, device=group.meta.device)
+        sync_kernel.gather_amax(group.meta, reduced)
+        for pg in reduce_over:
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=pg)
+    sync_kernel.apply(group.meta, rows, history_len=history_len, algo_max=algo == "max", margin=margin,
+                      pow2=pow2, eps=EPS, fp8_maxes=tuple(fp8_max(d) for d in dtypes), reduced=reduced)
+
+
+def _sync_group(key: tuple[Any, ...], reduce_over: list[Any], bufs: dict[str, list[torch.Tensor]]) -> None:
+    """The same update in torch ops on stacked copies of the buffers (any device)."""
     history_len, algo, margin, pow2, dtypes = key
-    n_layers = len(layers)
-    amax_bufs, hist_bufs = _buffers(layers, "amax"), _buffers(layers, "amax_history")
-    scale_bufs, count_bufs = _buffers(layers, "scale"), _buffers(layers, "nonfinite")
+    n_layers = len(bufs["amax"]) // 3
+    amax_bufs, hist_bufs, scale_bufs, count_bufs = (bufs[k] for k in _STATE)
 
     amax = torch.stack(amax_bufs).view(n_layers, 3)
-    groups = _reduction_groups(process_group)
-    if groups:
+    if reduce_over:
         # NaN under a MAX all-reduce is backend-dependent; inf is not, so every rank skips alike.
         amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
-        for group in groups:
+        for group in reduce_over:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     history = torch.stack(hist_bufs).view(n_layers, 3, history_len)
     old_scale = torch.stack(scale_bufs).view(n_layers, 3)
@@ -199,7 +314,7 @@ def _sync_group(layers: list[nn.Module], key: tuple[Any, ...], process_group: An
     history = torch.where(update.unsqueeze(-1), rolled, history)
     effective = history.amax(dim=-1) if algo == "max" else history[..., 0]
     maxes = _fp8_maxes(dtypes, amax.device)
-    scale = maxes / torch.clamp(effective, min=EPS) / (2.0**margin)
+    scale = maxes / torch.clamp(effective, min=EPS) * (2.0**-margin)
     if pow2:
         scale = floor_pow2(scale)
     scale = torch.where(update, scale, old_scale)

@@ -232,3 +232,85 @@ def test_eager_until_synced_compiles_a_delayed_model_once():
     assert not fp8train.delayed_scales_pending(m) and _stance.stance == "default"
     tensorwise = fp8train.convert_to_float8_training(nn.Sequential(nn.Linear(32, 32)), config="tensorwise")
     assert not fp8train.delayed_scales_pending(tensorwise)  # nothing to wait for: the context does nothing
+
+
+# --- the sync's plan and its one-launch kernel ------------------------------------------------------
+def test_sync_plan_is_reused_and_follows_the_model():
+    """The sync keeps what it looked up between steps, but never writes stale buffers: a model moved
+    to new storage, a layer added, or a layer given another config is picked up at the next sync,
+    and the plan does not keep the model alive."""
+    import gc
+    import weakref
+
+    from fp8train import delayed
+
+    m = _model()
+    x = torch.randn(16, 32)
+    _step(m, x)
+    plan = delayed._PLANS[m]
+    _step(m, x)
+    assert delayed._PLANS[m] is plan  # same layers, configs and buffer addresses
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)  # new storage
+    before = m[0].fp8_amax_history_input.clone()
+    _step(m, 2 * x)
+    assert delayed._PLANS[m] is not plan
+    assert m[0].fp8_amax_history_input[0] == (2 * x).abs().max() and torch.equal(m[0].fp8_amax_history_input[1:],
+                                                                                  before[:-1])
+    plan = delayed._PLANS[m]
+    extra = fp8train.convert_to_float8_training(nn.Sequential(nn.Linear(32, 32)), config="delayed")[0]
+    m.append(extra)
+    _step(m, x)
+    assert delayed._PLANS[m] is not plan and extra.is_amax_initialized and extra.fp8_amax_history_input[0] > 0
+    ref = weakref.ref(m)
+    del m, plan, extra
+    gc.collect()
+    assert ref() is None
+
+
+def test_sync_layers_in_modules_order_once():
+    """The walk the sync does instead of ``model.modules()`` finds the same layers, a shared layer once."""
+    from fp8train import delayed
+
+    shared = fp8train.convert_to_float8_training(nn.Sequential(nn.Linear(16, 16)), config="delayed")[0]
+    m = nn.Sequential(_model(), nn.Sequential(shared, nn.ReLU(), _model(1)), shared)
+    want = [x for x in m.modules() if isinstance(x, Float8Linear)]
+    assert delayed._delayed_layers(m) == want and len(want) == 5
+
+
+def test_sync_kernel_under_the_triton_interpreter():
+    """fp8train.sync_kernel (one launch for every layer) writes what the torch path writes, bit for
+    bit, on CPU under Triton's interpreter (tests/scripts/sync_kernel_check.py)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "sync_kernel_check.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TRITON_INTERPRET="1", FP8_DEVICE="cpu"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().endswith("ok") and out.stdout.count("same") == 8
+
+
+@pytest.mark.gpu
+def test_sync_kernel_on_the_gpu():
+    """On CUDA the sync runs as one launch and leaves every buffer as the torch path does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fp8train import cast_kernel, delayed
+
+    if not torch.cuda.is_available() or not cast_kernel.supports(torch.device("cuda")):
+        pytest.skip("needs Triton and a GPU of compute capability 8.9+")
+    m = _model().cuda()
+    _step(m, torch.randn(16, 32, device="cuda"))
+    assert all(g.kernel for g in delayed._PLANS[m].groups)
+    script = Path(__file__).parent / "scripts" / "sync_kernel_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                         env=dict(env, FP8_DEVICE="cuda"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().endswith("ok") and out.stdout.count("same") == 8
