@@ -40,6 +40,7 @@ the eager steps need more memory than compiled ones.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 import weakref
 from collections import defaultdict
@@ -161,8 +162,11 @@ _STATE_BUFFERS = operator.itemgetter(*_NAMES)
 
 
 def _addresses(layers: list[nn.Module]) -> list[int]:
-    # a DTensor's own data_ptr() is 0: its local tensor holds the state
-    return [(b._local_tensor if type(b) is DTensor else b).data_ptr() for m in layers for b in _STATE_BUFFERS(m._buffers)]
+    buffers = list(itertools.chain.from_iterable(map(_STATE_BUFFERS, [m._buffers for m in layers])))
+    out = list(map(torch.Tensor.data_ptr, buffers))
+    if 0 in out:  # a DTensor's own data_ptr() is 0: its local tensor holds the state (meta tensors: 0 anyway)
+        out = [(b._local_tensor if type(b) is DTensor else b).data_ptr() for b in buffers]
+    return out
 
 
 def _plain_cuda(bufs: list[torch.Tensor]) -> bool:
@@ -228,7 +232,8 @@ def sync_float8_amax_and_scale_history(model: nn.Module, process_group: Any = No
         else:
             _sync_group(group.key, reduce_over, group.bufs)
         for i in group.index:
-            layers[i].is_amax_initialized = True
+            if not layers[i].__dict__["is_amax_initialized"]:  # nn.Module.__setattr__ is slow: set it once
+                layers[i].is_amax_initialized = True
 
 
 def delayed_scales_pending(model: nn.Module) -> bool:
