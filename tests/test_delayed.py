@@ -315,3 +315,20 @@ def test_sync_kernel_on_the_gpu():
                          env=dict(env, FP8_DEVICE="cuda"))
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().endswith("ok") and out.stdout.count("same") == 8
+
+
+@pytest.mark.gpu
+def test_sync_kernel_all_reduces_across_two_gpus():
+    """Two NCCL ranks: gather -> MAX all-reduce -> apply leaves what the torch path leaves, the same on
+    both ranks (tests/scripts/sync_kernel_nccl.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    script = Path(__file__).parent / "scripts" / "sync_kernel_nccl.py"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ok" in out.stdout
