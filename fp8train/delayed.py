@@ -13,10 +13,15 @@ Casts read ``fp8_scale_{r}`` and write ``fp8_amax_{r}`` with in-place ops on the
 ``torch.compile`` traces (also in backward), so a compiled step never recompiles as scales change.
 
 ``sync_float8_amax_and_scale_history`` runs once per optimizer step (after the last micro-batch's
-backward): it stacks every layer's state, all-reduces amax with MAX across ranks, rolls the
-histories, recomputes scales and writes everything back with ``torch._foreach_copy_`` — a fixed
-number of kernels whatever the layer count. A non-finite amax leaves that operand's history and
-scale untouched and increments its ``fp8_nonfinite_{r}`` counter.
+backward): it all-reduces amax with MAX across ranks, rolls the histories and recomputes scales. On
+a CUDA device with Triton that is one kernel launch for all layers (``fp8train.sync_kernel``,
+through a table of the buffers' addresses; two launches around the all-reduce); elsewhere torch ops
+on stacked copies written back with ``torch._foreach_copy_``: a fixed number of kernels whatever
+the layer count. Which layers and buffers to update is looked up once per model and kept (the
+"plan") while the model's delayed layers, their configs and their buffers' storage stay the same,
+checked at every sync: the host time of a sync is the walk over the modules and that check.
+A non-finite amax leaves that operand's history and scale untouched and increments its
+``fp8_nonfinite_{r}`` counter.
 
 Which ranks the MAX covers: every rank that holds a piece of an operand must take part, so that
 all of them cast with the scale of the whole tensor. The default (the world) covers data
@@ -169,10 +174,19 @@ def _addresses(layers: list[nn.Module]) -> list[int]:
     return out
 
 
-def _plain_cuda(bufs: list[torch.Tensor]) -> bool:
-    dev = bufs[0].device
-    return (dev.type == "cuda" and cast_kernel.supports(dev) and all(b.device == dev for b in bufs)
-            and cast_kernel.launches_directly(*bufs))
+def _plain_cuda(bufs: dict[str, list[torch.Tensor]], history_len: int) -> bool:
+    """True when ``sync_kernel`` can update these buffers in place: plain contiguous CUDA tensors on one
+    device where Triton runs, of the dtypes and sizes it writes (``load_state_dict(assign=True)`` can
+    bring others: the torch path takes them as they are), and nothing is tracing."""
+    every = [b for kind in _STATE for b in bufs[kind]]
+    dev = every[0].device
+    if dev.type != "cuda" or not cast_kernel.supports(dev) or history_len > sync_kernel.MAX_HISTORY:
+        return False
+    want = {"amax": (torch.float32, 1), "amax_history": (torch.float32, history_len), "scale": (torch.float32, 1),
+            "nonfinite": (torch.int64, 1)}
+    return (all(b.device == dev and b.is_contiguous() for b in every)
+            and all(b.dtype == want[k][0] and b.numel() == want[k][1] for k in _STATE for b in bufs[k])
+            and cast_kernel.launches_directly(*every))
 
 
 def _plan(model: nn.Module, layers: list[nn.Module]) -> _Plan:
@@ -201,7 +215,7 @@ def _groups(layers: list[nn.Module], kernel: bool = False) -> list[_Group]:
     for key, index in by_key.items():
         bufs = {kind: [_local(layers[i]._buffers[f"fp8_{kind}_{r}"]) for i in index for r in ROLES]
                 for kind in _STATE}
-        groups.append(_Group(key, index, bufs, kernel and _plain_cuda([b for kind in _STATE for b in bufs[kind]])))
+        groups.append(_Group(key, index, bufs, kernel and _plain_cuda(bufs, key[0])))
     return groups
 
 
@@ -294,6 +308,9 @@ def _sync_group_kernel(group: _Group, reduce_over: list[Any]) -> None:
             dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=pg)
     sync_kernel.apply(group.meta, rows, history_len=history_len, algo_max=algo == "max", margin=margin,
                       pow2=pow2, eps=EPS, fp8_maxes=tuple(fp8_max(d) for d in dtypes), reduced=reduced)
+    # what torch's in-place ops would record: a backward that saved a scale or amax buffer (grad_output's)
+    # still raises if the sync ran between its forward and it
+    torch.autograd.graph.increment_version(group.bufs["amax"] + group.bufs["scale"])
 
 
 def _sync_group(key: tuple[Any, ...], reduce_over: list[Any], bufs: dict[str, list[torch.Tensor]]) -> None:
@@ -319,7 +336,7 @@ def _sync_group(key: tuple[Any, ...], reduce_over: list[Any], bufs: dict[str, li
     history = torch.where(update.unsqueeze(-1), rolled, history)
     effective = history.amax(dim=-1) if algo == "max" else history[..., 0]
     maxes = _fp8_maxes(dtypes, amax.device)
-    scale = maxes / torch.clamp(effective, min=EPS) * (2.0**-margin)
+    scale = maxes / torch.clamp(effective, min=EPS) / (2.0**margin)
     if pow2:
         scale = floor_pow2(scale)
     scale = torch.where(update, scale, old_scale)

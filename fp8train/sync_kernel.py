@@ -16,12 +16,16 @@ the all-reduce of amax when distributed: ``gather_amax`` stacks the amaxes for i
 reads the reduced values). The addresses are uploaded once per set of buffers (``fp8train.delayed``
 keeps the table while the buffers keep their storage).
 
-The arithmetic is that of the torch path, bit for bit (tested on GPU): fp32, an IEEE-rounded
-division (``tl.div_rn``) then the multiply by ``2**-margin``, the power-of-two rounding by clearing
-mantissa bits.
+The arithmetic is that of the torch path on CUDA, bit for bit (tested on GPU): fp32, an IEEE-rounded
+division (``tl.div_rn``), the division by ``2**margin`` as torch's CUDA kernel does it (a multiply by
+its fp32 reciprocal; exact for whole margins), the power-of-two rounding by clearing mantissa bits,
+NaN in a loaded history giving a NaN scale as ``torch.amax`` does.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 
@@ -65,11 +69,15 @@ if triton is not None:
             new_h = tl.where(update, tl.where(i == 0, a, prev), h)
             if ALGO_MAX:
                 effective = tl.max(tl.where(valid, new_h, 0.0), axis=0)
+                # a NaN in a loaded history: torch's amax returns NaN, Triton's max skips it
+                nans = tl.sum(tl.where(valid & (new_h != new_h), 1, 0), axis=0)
+                effective = tl.where(nans > 0, float("nan"), effective)
             else:  # most recent
                 effective = tl.sum(tl.where(i == 0, new_h, 0.0), axis=0)
             role = row % 3
             fp8_max = tl.where(role == 0, MAX_INPUT, tl.where(role == 1, MAX_WEIGHT, MAX_GRAD))
-            scale = tl.div_rn(fp8_max, tl.maximum(effective, eps)) * margin_mult
+            floor = tl.maximum(effective, eps, propagate_nan=tl.PropagateNan.ALL)  # as torch.clamp(min=eps)
+            scale = tl.div_rn(fp8_max, floor) * margin_mult
             if POW2:
                 scale = (scale.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
             scale = tl.where(update, scale, tl.load(scale_p))
@@ -81,14 +89,28 @@ if triton is not None:
             tl.store(amax_p, 0.0)
 
 
+#: longest amax history the kernel takes (one program holds a row's history in registers)
+MAX_HISTORY = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _reciprocal_pow2(margin: float) -> float:
+    # torch on CUDA divides a tensor by a Python scalar as a multiply by the scalar's fp32 reciprocal
+    # (``div_true_kernel_cuda``); the same here, so the two paths agree for any margin
+    return (torch.tensor(1.0) / torch.tensor(2.0**margin, dtype=torch.float32)).item()
+
+
 def _launch(meta: torch.Tensor, reduced: torch.Tensor, n_rows: int, history_len: int, margin: float, eps: float,
             fp8_maxes: tuple[float, float, float], algo_max: bool, pow2: bool, mode: int) -> None:
-    _sync_kernel[(n_rows,)](
-        meta, reduced, n_rows, history_len, 2.0**-margin, eps,
-        MAX_INPUT=fp8_maxes[0], MAX_WEIGHT=fp8_maxes[1], MAX_GRAD=fp8_maxes[2],
-        H_POW2=max(16, triton.next_power_of_2(history_len)), ALGO_MAX=algo_max, POW2=pow2, MODE=mode,
-        num_warps=1 if history_len <= 1024 else 4,
-    )
+    if history_len > MAX_HISTORY:
+        raise ValueError(f"sync_kernel: history_len={history_len} is over MAX_HISTORY={MAX_HISTORY}")
+    with torch.cuda.device(meta.device) if meta.is_cuda else contextlib.nullcontext():  # Triton launches on the current device
+        _sync_kernel[(n_rows,)](
+            meta, reduced, n_rows, history_len, _reciprocal_pow2(margin), eps,
+            MAX_INPUT=fp8_maxes[0], MAX_WEIGHT=fp8_maxes[1], MAX_GRAD=fp8_maxes[2],
+            H_POW2=max(16, triton.next_power_of_2(history_len)), ALGO_MAX=algo_max, POW2=pow2, MODE=mode,
+            num_warps=1 if history_len <= 1024 else 4,
+        )
 
 
 def gather_amax(meta: torch.Tensor, out: torch.Tensor) -> None:
@@ -112,7 +134,7 @@ def apply(
     Args:
         meta: ``[4 * n_rows]`` int64 buffer addresses (see the module); row ``3 * layer + role``.
         n_rows: rows (3 per layer).
-        history_len: elements of each history buffer.
+        history_len: elements of each history buffer (at most ``MAX_HISTORY``).
         algo_max: scale from the max over the history (``False``: its newest entry).
         margin: scale divided by ``2**margin``.
         pow2: round scales down to a power of two.

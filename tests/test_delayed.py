@@ -267,6 +267,78 @@ def test_sync_plan_is_reused_and_follows_the_model():
     assert ref() is None
 
 
+def test_sync_scale_is_divided_by_the_margin_exactly():
+    """The torch path's arithmetic, pinned for a fractional margin: fp8_max / amax / 2**margin as
+    two fp32 divisions (a multiply by 2**-margin rounds differently)."""
+    cfg = Float8LinearConfig.from_recipe_name("delayed", delayed_scaling=fp8train.DelayedScalingConfig(margin=0.5))
+    lin = fp8train.convert_to_float8_training(nn.Sequential(nn.Linear(32, 32)), config=cfg)
+    amaxes = torch.logspace(-3, 3, 150)
+    for a in amaxes:
+        lin[0].fp8_amax_input.fill_(a)
+        sync_float8_amax_and_scale_history(lin)
+        lin[0].fp8_amax_history_input.zero_()
+        want = torch.tensor(fp8_max(torch.float8_e4m3fn)) / a.float() / (2.0**0.5)
+        assert torch.equal(lin[0].fp8_scale_input, want), (a, lin[0].fp8_scale_input, want)
+
+
+def test_sync_plan_follows_a_config_change():
+    """A layer given another config (here a margin) between syncs is synced with it at once."""
+    import dataclasses
+
+    from fp8train import delayed
+
+    m = _model()
+    x = torch.randn(16, 32)
+    _step(m, x)
+    plan = delayed._PLANS[m]
+    m[0].config = dataclasses.replace(m[0].config, delayed_scaling=fp8train.DelayedScalingConfig(margin=2.0))
+    _step(m, x)
+    assert delayed._PLANS[m] is not plan and len(delayed._PLANS[m].groups) == 2
+    assert torch.equal(m[0].fp8_scale_input, torch.tensor(fp8_max(torch.float8_e4m3fn)) / x.abs().max() / 4.0)
+    assert torch.equal(m[2].fp8_scale_input, m[2].fp8_scale_input.new_tensor(fp8_max(torch.float8_e4m3fn))
+                       / m[2].fp8_amax_history_input.max())
+
+
+def test_sync_plan_follows_dtensor_buffers(tmp_path):
+    """Buffers held as DTensors (PyTorch's TP styles replicate buffers): the plan checks their local
+    tensors' storage, so replacing them is noticed (a DTensor's own data_ptr() is 0)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dtensor_worker, args=(str(tmp_path),), nprocs=1, join=True)
+    assert (tmp_path / "ok").exists()
+
+
+def _dtensor_worker(rank: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("FP8_TEST_PORT_DT", "29541"))
+    dist.init_process_group("gloo", rank=rank, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+
+        def replicate(m: nn.Module) -> None:
+            for name, buf in list(m._buffers.items()):
+                if name.startswith("fp8_"):
+                    local = buf.to_local() if isinstance(buf, DTensor) else buf
+                    m._buffers[name] = DTensor.from_local(local.clone(), mesh, [Replicate()])
+
+        m = _model()
+        replicate(m[0])
+        for amax in (3.0, 5.0):  # the second time over new DTensors (new storage)
+            m[0].fp8_amax_input.to_local().fill_(amax)
+            sync_float8_amax_and_scale_history(m)
+            assert m[0].fp8_amax_history_input.to_local()[0] == amax and m[0].fp8_amax_input.to_local() == 0
+            assert m[0].fp8_scale_input.to_local() == fp8_max(torch.float8_e4m3fn) / 5.0 if amax == 5.0 else True
+            replicate(m[0])
+        open(f"{out}/ok", "w").close()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_sync_layers_in_modules_order_once():
     """The walk the sync does instead of ``model.modules()`` finds the same layers, a shared layer once."""
     from fp8train import delayed
@@ -287,10 +359,11 @@ def test_sync_kernel_under_the_triton_interpreter():
     from pathlib import Path
 
     script = Path(__file__).parent / "scripts" / "sync_kernel_check.py"
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, TRITON_INTERPRET="1", FP8_DEVICE="cpu"))
+    root = str(Path(__file__).parents[1])  # this checkout's fp8train, whatever is installed
+    env = dict(os.environ, TRITON_INTERPRET="1", FP8_DEVICE="cpu", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.strip().endswith("ok") and out.stdout.count("same") == 8
+    assert out.stdout.strip().endswith("ok") and out.stdout.count("same") == 10
 
 
 @pytest.mark.gpu
@@ -312,15 +385,29 @@ def test_sync_kernel_on_the_gpu():
     script = Path(__file__).parent / "scripts" / "sync_kernel_check.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
-                         env=dict(env, FP8_DEVICE="cuda"))
+                         env=dict(env, FP8_DEVICE="cuda", PYTHONPATH=str(Path(__file__).parents[1])))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.strip().endswith("ok") and out.stdout.count("same") == 8
+    assert out.stdout.strip().endswith("ok") and out.stdout.count("same") == 10
+    # buffers of other dtypes (load_state_dict(assign=True) keeps the state dict's): the torch path,
+    # with the same results as on CPU
+    sd = {k: (v.to(torch.float64) if v.is_floating_point() and "fp8_" in k else v) for k, v in m.state_dict().items()}
+    m.load_state_dict(sd, assign=True)
+    ref = copy.deepcopy(m).cpu()
+    for model in (m, ref):
+        for layer in (model[0], model[2]):
+            layer.fp8_amax_input.fill_(3.0)
+        sync_float8_amax_and_scale_history(model)
+    assert not any(g.kernel for g in delayed._PLANS[m].groups)
+    for k, v in ref.state_dict().items():
+        if "fp8_" in k:
+            assert torch.equal(m.state_dict()[k].cpu(), v), k
 
 
 @pytest.mark.gpu
 def test_sync_kernel_all_reduces_across_two_gpus():
     """Two NCCL ranks: gather -> MAX all-reduce -> apply leaves what the torch path leaves, the same on
     both ranks (tests/scripts/sync_kernel_nccl.py)."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -329,6 +416,7 @@ def test_sync_kernel_all_reduces_across_two_gpus():
         pytest.skip("needs 2 GPUs")
     script = Path(__file__).parent / "scripts" / "sync_kernel_nccl.py"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ok" in out.stdout

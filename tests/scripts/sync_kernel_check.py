@@ -43,13 +43,12 @@ def state(m: nn.Module) -> dict[str, torch.Tensor]:
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(-1).view(torch.uint8) if a[k].dtype != torch.int64
-                                                        else a[k], b[k].view(-1).view(torch.uint8)
-                                                        if b[k].dtype != torch.int64 else b[k]), (k, a[k], b[k])
+        bits = (lambda t: t if t.dtype == torch.int64 else t.reshape(-1).view(torch.uint8))  # NaN == NaN here
+        assert a[k].dtype == b[k].dtype and torch.equal(bits(a[k]), bits(b[k])), (k, a[k], b[k])
 
 
 def run(m: nn.Module, kernel: bool, steps: int, all_reduce=None) -> list[dict[str, torch.Tensor]]:
-    delayed._plain_cuda = (lambda bufs: True) if kernel else (lambda bufs: False)
+    delayed._plain_cuda = (lambda *args: True) if kernel else (lambda *args: False)
     launches = []
     real_apply = delayed.sync_kernel.apply
     delayed.sync_kernel.apply = lambda *a, **k: (launches.append(1), real_apply(*a, **k))[1]
@@ -73,7 +72,9 @@ reduce_calls = []
 
 
 def fake_all_reduce(t, op=None, group=None):
-    """Another rank's amaxes: 3x ours in the first rows (NaN arrives as inf on both paths)."""
+    """Another rank's amaxes: 3x ours in the first rows. NaN must arrive as inf (a MAX all-reduce of
+    NaN is backend-dependent), on both paths."""
+    assert not t.isnan().any(), "NaN reached the all-reduce"
     reduce_calls.append(t.shape)
     flat = t.view(-1)  # [layers, 3] on the torch path, [3 * layers] on the kernel's
     other = torch.zeros_like(flat)
@@ -81,13 +82,17 @@ def fake_all_reduce(t, op=None, group=None):
     flat.copy_(torch.maximum(flat, other))
 
 
+# A fractional margin only on the GPU: torch on CUDA divides by 2**margin as a multiply by its fp32
+# reciprocal (as the kernel does), torch on CPU divides; whole margins are exact either way.
 configs = [
     fp8train.Float8LinearConfig.from_recipe_name("delayed"),
     fp8train.Float8LinearConfig.from_recipe_name("delayed", round_scales_to_power_of_2=True),
     fp8train.Float8LinearConfig.from_recipe_name(
         "delayed", delayed_scaling=DelayedScalingConfig(history_len=3, amax_compute_algo="most_recent", margin=1.0)),
     fp8train.Float8LinearConfig.from_recipe_name(
-        "delayed", delayed_scaling=DelayedScalingConfig(history_len=40, margin=0.5)),
+        "delayed", delayed_scaling=DelayedScalingConfig(history_len=40, margin=0.5 if DEVICE == "cuda" else 3.0)),
+    fp8train.Float8LinearConfig.from_recipe_name(  # more than one warp's worth of history
+        "delayed", delayed_scaling=DelayedScalingConfig(history_len=2000)),
 ]
 saved = (delayed._plain_cuda, delayed._reduction_groups, delayed.dist.all_reduce)
 for cfg in configs:
@@ -112,5 +117,16 @@ for m in (a, b):
     m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
 for w, g in zip(run(a, False, 2), run(b, True, 2)):
     same(w, g)
+
+# a loaded history holding a NaN: torch's amax gives a NaN scale (then inf after power-of-two
+# rounding), and the kernel must too
+for cfg in configs[:2]:
+    base = model(cfg, 2)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    for m in (a, b):
+        m[1].fp8_amax_history_weight[3] = float("nan")
+    for w, g in zip(run(a, False, 2), run(b, True, 2)):
+        same(w, g)
+    assert b[1].fp8_scale_weight.isnan().item() or b[1].fp8_scale_weight.isinf().item()
 delayed._plain_cuda = saved[0]
 print("ok")
